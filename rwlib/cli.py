@@ -1,0 +1,103 @@
+"""``python -m rwlib``: list the chapters, execute them, build the book.
+
+    python -m rwlib list
+    python -m rwlib pages            (after adding a chapter notebook)
+    python -m rwlib run [NN ...] [--mode quick|full|auto] [--seed S] [--jobs J] [--out DIR]
+    python -m rwlib book [same options as run]
+
+Bad input (an unknown chapter, mode or seed) is refused before anything runs, with the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import catalog
+from .repro import MODES, check_seed
+
+
+class Refused(ValueError):
+    pass
+
+
+def resolve_chapters(keys: list[str]) -> list[catalog.Chapter]:
+    written = catalog.written_chapters()
+    valid = ", ".join(f"{c.number:02d} ({c.slug})" for c in written)
+    if not keys:
+        return written
+    chosen = []
+    for k in keys:
+        try:
+            ch = catalog.chapter(k)
+        except KeyError:
+            raise Refused(f"unknown chapter {k!r}; valid: {valid}") from None
+        if not ch.written():
+            raise Refused(f"chapter {ch.number:02d} ({ch.slug}) is not written yet; valid: {valid}")
+        if ch not in chosen:
+            chosen.append(ch)
+    return chosen
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rwlib", description="Reweighting, Reproduced: chapters and book")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the chapters: number, slug, title, part")
+    sub.add_parser("pages", help="rewrite the part landing pages and _toc.yml from the catalogue")
+    for name, text in (("run", "execute chapters with papermill"), ("book", "execute chapters, build the book")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("chapters", nargs="*", help="chapter numbers or slugs (default: all written chapters)")
+        s.add_argument("--mode", default="quick", help=f"one of {', '.join(MODES)} (default quick)")
+        s.add_argument("--seed", default="0", help="an integer >= 0 (default 0)")
+        s.add_argument("--jobs", type=int, default=None, help="chapters at once (default: one per core)")
+        s.add_argument("--threads", type=int, default=None, help="torch threads per chapter (default cores/jobs)")
+        s.add_argument("--out", default="_build/executed", help="where executed notebooks and ledgers go")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "list":
+        for c in catalog.CHAPTERS:
+            mark = "" if c.written() else "   (not written yet)"
+            print(f"{c.number:02d}  {c.slug:<30} Part {c.part.roman:<4} {c.title}{mark}")
+        return 0
+    if args.command == "pages":
+        from . import book
+
+        for path in book.write_pages():
+            print(f"wrote {path}")
+        return 0
+    try:
+        if args.mode not in MODES:
+            raise Refused(f"unknown mode {args.mode!r}; valid: {', '.join(MODES)}")
+        try:
+            seed = check_seed(args.seed)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        if args.jobs is not None and args.jobs < 1:
+            raise Refused(f"bad --jobs {args.jobs}: expected an integer >= 1")
+        if args.threads is not None and args.threads < 1:
+            raise Refused(f"bad --threads {args.threads}: expected an integer >= 1")
+        chapters = resolve_chapters(args.chapters)
+    except Refused as e:
+        print(f"python -m rwlib {args.command}: {e}", file=sys.stderr)
+        return 2
+    from . import runner
+
+    t0 = time.perf_counter()
+    results = runner.run(chapters, mode=args.mode, seed=seed, jobs=args.jobs, out=Path(args.out),
+                         threads=args.threads)
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)}/{len(results)} chapters ran without error in "
+          f"{time.perf_counter() - t0:.1f} s; executed notebooks and ledgers in {args.out}")
+    if failed:
+        return 1
+    if args.command == "book":
+        from . import book
+
+        html = book.build(Path(args.out))
+        print(f"book built: {html / 'index.html'}")
+    return 0

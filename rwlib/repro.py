@@ -1,0 +1,114 @@
+"""Reproducibility: seeds, threads, device, and the quick/full mode of a chapter.
+
+A chapter declares its sizes once, for both modes, with :func:`setup`::
+
+    run = setup(mode, seed, quick=dict(steps=300, seeds=2), full=dict(steps=20_000, seeds=3))
+    run.sizes.steps      # 300 on a CPU laptop, 20_000 on a GPU
+    run.device           # torch.device("cpu") or ("cuda")
+
+``mode="auto"`` means quick on a CPU and full when a GPU is present. Both modes must declare the same keys,
+so no size silently changes meaning between them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+MODES = ("quick", "full", "auto")
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed) -> int:
+    """Return ``seed`` as an int, or raise ``ValueError`` naming the bad value and the valid range."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, str)):
+        raise ValueError(f"bad seed {seed!r}: expected an integer in 0..{MAX_SEED}")
+    try:
+        value = int(seed)
+    except ValueError:
+        raise ValueError(f"bad seed {seed!r}: expected an integer in 0..{MAX_SEED}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"bad seed {seed!r}: expected an integer in 0..{MAX_SEED}")
+    return value
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a fresh CPU ``torch.Generator`` seeded with ``seed``."""
+    seed = check_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads: ``n``, else ``$RWLIB_THREADS``, else leave torch's default."""
+    if n is None and os.environ.get("RWLIB_THREADS"):
+        n = int(os.environ["RWLIB_THREADS"])
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def get_device(mode: str = "quick") -> torch.device:
+    """``cuda`` in full mode when a GPU exists, else ``cpu`` (quick mode always runs on the CPU)."""
+    return torch.device("cuda" if mode == "full" and has_gpu() else "cpu")
+
+
+def resolve_mode(mode: str) -> str:
+    """``"auto"`` becomes ``"full"`` on a GPU and ``"quick"`` otherwise; other modes pass through."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "auto":
+        return "full" if has_gpu() else "quick"
+    return mode
+
+
+def progress_enabled() -> bool:
+    """Progress bars show unless ``$RWLIB_PROGRESS=0`` (the runner sets it: bars are noise in a log)."""
+    return os.environ.get("RWLIB_PROGRESS", "1") != "0"
+
+
+@dataclass
+class Run:
+    """What a chapter needs to know about this execution."""
+
+    mode: str
+    seed: int
+    device: torch.device
+    sizes: SimpleNamespace
+    threads: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the run's seed (``offset`` gives independent streams)."""
+        return torch.Generator().manual_seed(self.seed * 1000 + offset)
+
+
+def setup(mode: str = "auto", seed: int = 0, *, quick: dict, full: dict) -> Run:
+    """Resolve the mode, seed everything, pick the device and the sizes of this chapter.
+
+    ``quick`` and ``full`` are the chapter's sizes in each mode; they must have the same keys.
+    """
+    resolved = resolve_mode(mode)
+    seed = check_seed(seed)
+    if set(quick) != set(full):
+        raise ValueError(f"quick and full sizes must declare the same keys; only in quick: "
+                         f"{sorted(set(quick) - set(full))}, only in full: {sorted(set(full) - set(quick))}")
+    threads = set_threads()
+    seed_everything(seed)
+    sizes = SimpleNamespace(**(quick if resolved == "quick" else full))
+    return Run(resolved, seed, get_device(resolved), sizes, threads)
