@@ -60,9 +60,9 @@ class Chapter:
     def ledger_name(self) -> str:
         return f"{self.stem}.json"
 
-    def written(self, root: Path = ROOT) -> bool:
+    def written(self, root: Path | None = None) -> bool:
         """True when the chapter's notebook exists in the repository."""
-        return (root / self.notebook).exists()
+        return ((root or ROOT) / self.notebook).exists()
 
 
 CHAPTERS = (
@@ -118,6 +118,6 @@ def chapter(key: int | str) -> Chapter:
                    + ", ".join(c.slug for c in CHAPTERS))
 
 
-def written_chapters(root: Path = ROOT) -> list[Chapter]:
+def written_chapters(root: Path | None = None) -> list[Chapter]:
     """The chapters whose notebooks exist, in book order."""
     return [c for c in CHAPTERS if c.written(root)]

@@ -70,14 +70,15 @@ def kernel_env(threads: int, out: Path) -> dict:
         "RWLIB_LEDGER_DIR": str(out.resolve()), "RWLIB_PROGRESS": "0", "PYTHONWARNINGS": "default",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
     })
-    root = str(catalog.ROOT)
+    root = str(Path(__file__).resolve().parent.parent)  # the checkout holding this rwlib
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
 def run_one(ch: catalog.Chapter, *, mode: str, seed: int, out: Path, threads: int,
-            timeout: int = DEFAULT_TIMEOUT, root: Path = catalog.ROOT) -> Result:
-    src = root / ch.notebook
+            timeout: int = DEFAULT_TIMEOUT, root: Path | None = None) -> Result:
+    src = (root or catalog.ROOT) / ch.notebook
+    out.mkdir(parents=True, exist_ok=True)
     dst = out / f"{ch.stem}.ipynb"
     log = out / f"{ch.stem}.log"
     ledger_path = out / ch.ledger_name

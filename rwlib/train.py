@@ -146,12 +146,15 @@ def progress(steps: int, desc: str):
 
 def loop(step_fn: Callable[[int], dict], *, steps: int, optimizer: torch.optim.Optimizer, scheduler=None,
          ema: tuple[ModelEMA, nn.Module] | None = None, eval_fn: Callable[[], dict] | None = None,
-         eval_every: int = 0, desc: str = "train", history: History | None = None) -> History:
+         eval_every: int = 0, desc: str = "train", history: History | None = None, clip: float | None = None,
+         step_offset: int = 0) -> History:
     """Run ``steps`` optimisation steps.
 
     ``step_fn(t)`` returns a dict with ``"loss"`` (a scalar tensor to minimise) and any metrics (tensors or
     floats) to record at step ``t``. ``ema=(ModelEMA, model)`` updates the average after each step.
     ``eval_fn()`` returns metrics recorded every ``eval_every`` steps and after the last step.
+    ``clip`` clips the global gradient norm; ``step_offset`` numbers the steps of a later training stage on
+    from an earlier one (with the same ``history``).
     """
     if steps <= 0:
         raise ValueError(f"bad steps {steps}: expected > 0")
@@ -161,6 +164,8 @@ def loop(step_fn: Callable[[int], dict], *, steps: int, optimizer: torch.optim.O
         loss = out.pop("loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -169,7 +174,7 @@ def loop(step_fn: Callable[[int], dict], *, steps: int, optimizer: torch.optim.O
         metrics = {"loss": loss.detach(), **out}
         if eval_fn is not None and ((eval_every and (t + 1) % eval_every == 0) or t + 1 == steps):
             metrics.update(eval_fn())
-        hist.log(t + 1, **metrics)
+        hist.log(step_offset + t + 1, **metrics)
     return hist
 
 
@@ -214,3 +219,57 @@ def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, steps: int, batch
 
     return loop(step_fn, steps=steps, optimizer=optimizer, scheduler=scheduler,
                 ema=(ema, model) if ema is not None else None, eval_fn=eval_fn, eval_every=eval_every, desc=desc)
+
+
+# ---------------------------------------------------------------------------------------------- language models
+def token_weighted_mean(ell: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The usual LM loss from per-sequence mean losses ``ell`` and token counts ``n``: sum_i (n_i / sum n) ell_i."""
+    return (n / n.sum() * ell).sum()
+
+
+@torch.no_grad()
+def eval_lm(model: nn.Module, val: dict[str, torch.Tensor], block: int, n_windows: int = 32) -> dict[str, float]:
+    """Validation loss per domain on fixed windows (the same every call): ``{"val_<domain>": loss}``."""
+    from .data.text import eval_windows
+
+    was = model.training
+    model.eval()
+    try:
+        out = {}
+        for name, tokens in val.items():
+            x, y = eval_windows(tokens, block, n_windows)
+            out[f"val_{name}"] = model.token_losses(x, y).mean().item()
+    finally:
+        model.train(was)
+    return out
+
+
+def fit_lm(model: nn.Module, sampler, *, steps: int, batch_size: int, block: int,
+           optimizer: torch.optim.Optimizer, scheduler=None, loss_hook: Callable | None = None,
+           val: dict[str, torch.Tensor] | None = None, eval_every: int = 0, n_eval_windows: int = 32,
+           clip: float | None = 1.0, history: History | None = None, step_offset: int = 0,
+           desc: str = "lm") -> History:
+    """Train a language model on windows from ``sampler`` (a :class:`rwlib.data.text.DomainSampler`).
+
+    Each step computes every sequence's mean token loss ``ell`` and token count ``n``
+    (``model.per_sample_loss``). ``loss_hook(step, ell, n, domain)`` -- the hook the sample-reweighting chapters
+    plug into -- returns the loss to minimise (or ``(loss, metrics)``); without it the loss is the token-weighted
+    mean. Domain weights can be changed between calls (``sampler.set_weights``): call ``fit_lm`` once per stage
+    with the same ``history`` and a growing ``step_offset``. ``val`` (domain -> tokens) is evaluated per domain
+    every ``eval_every`` steps and at the end.
+    """
+
+    def step_fn(t):
+        x, y, dom = sampler.batch(batch_size, block)
+        ell, n = model.per_sample_loss(x, y)
+        metrics = {}
+        if loss_hook is not None:
+            out = loss_hook(step_offset + t, ell, n, dom)
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+        else:
+            loss = token_weighted_mean(ell, n)
+        return {"loss": loss, "train_loss": token_weighted_mean(ell.detach(), n), **metrics}
+
+    eval_fn = (lambda: eval_lm(model, val, block, n_eval_windows)) if val is not None else None
+    return loop(step_fn, steps=steps, optimizer=optimizer, scheduler=scheduler, eval_fn=eval_fn,
+                eval_every=eval_every, desc=desc, history=history, clip=clip, step_offset=step_offset)

@@ -66,7 +66,7 @@ the strong-view unlabeled features (:class:`AuxHead`).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +79,7 @@ __all__ = [
     "AuxHead",
     "CertainRatioEMA",
     "utilisation",
+    "ShrinkMatchLoss",
 ]
 
 
@@ -339,3 +340,31 @@ def utilisation(certain_mask: Tensor, valid_shrunk: Tensor) -> float:
             f"got {tuple(cm.shape)} and {tuple(vs.shape)}"
         )
     return float((cm | vs).float().mean())
+
+
+class ShrinkMatchLoss(nn.Module):
+    """ShrinkMatch's extra unlabeled loss as a module that plugs into :func:`rwlib.ssl.train_ssl`.
+
+    Called with the strong-view features of the unlabeled batch, the (distribution-aligned) weak-view
+    probabilities and FixMatch's certain mask, it returns ``lambda_t * shrink_loss`` (equations above) and
+    the metrics the chapter plots. It owns the auxiliary head ``g`` (trained through this loss only, as in
+    the official code) and the EMA of the certain ratio, ``lambda_t``, which is never reset (TorchSSL's
+    choice; the official CIFAR loop restarts it every 1024-iteration epoch).
+    """
+
+    def __init__(self, feat_dim: int, num_classes: int, tau: float = 0.95, ema_momentum: float = 0.999,
+                 hidden: Optional[int] = None):
+        super().__init__()
+        self.aux = AuxHead(feat_dim, num_classes, hidden)
+        self.tau = tau
+        self.lam = CertainRatioEMA(ema_momentum)
+
+    def forward(self, feats_s: torch.Tensor, probs_w: torch.Tensor, certain: torch.Tensor, step: int = 0):
+        lam = self.lam.update(certain)  # lambda_t: EMA of the certain ratio (principle 2)
+        loss, _, info = shrink_loss(probs_w, self.aux(feats_s), self.tau, certain)
+        return lam * loss, {
+            "utilisation": utilisation(certain, info["valid"]),
+            "shrunk_valid": info["valid"].float().mean().item(),
+            "lambda": lam,
+            "n_removed": info["n_removed"][~certain].float().mean().item() if (~certain).any() else float("nan"),
+        }
