@@ -1,0 +1,79 @@
+"""Group sampling: G completions per prompt from a TinyGPT, with the log-probabilities the policy gave them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.tasks import STOP, Problem, encode_prompts
+from ..data.text import TOKENIZER
+from .losses import token_entropy
+
+STOP_ID = int(TOKENIZER.encode(STOP)[0])
+
+
+@dataclass
+class Rollout:
+    """One batch of rollouts, ``N = P * G`` rows ordered prompt by prompt (rows i*G .. i*G+G-1 share a prompt)."""
+
+    problems: list[Problem]          # P problems
+    group_size: int
+    tokens: torch.Tensor             # (N, prompt_len + T) prompt and sampled completion
+    prompt_len: int
+    mask: torch.Tensor               # (N, T) 1 up to and including the first stop symbol
+    logp_old: torch.Tensor           # (N, T) log-prob of each sampled token under the sampling policy
+    texts: list[str]                 # N completions, cut after the stop symbol
+    rewards: torch.Tensor | None = None            # (N,)
+    advantages: torch.Tensor | None = None         # (N,)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def completion(self) -> torch.Tensor:
+        return self.tokens[:, self.prompt_len:]
+
+    def rewards_by_prompt(self) -> torch.Tensor:
+        return self.rewards.reshape(-1, self.group_size)
+
+
+def sequence_logprobs(model, tokens: torch.Tensor, prompt_len: int, with_entropy: bool = True):
+    """Log-prob of every completion token (positions ``prompt_len..``) and the entropy there: ``(logp, H)``, (N, T)."""
+    logits = model(tokens[:, :-1])[:, prompt_len - 1:]
+    target = tokens[:, prompt_len:]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, target[..., None]).squeeze(-1)
+    return logp, (token_entropy(logits) if with_entropy else None)
+
+
+def completion_mask(completion: torch.Tensor, stop_id: int = STOP_ID) -> torch.Tensor:
+    """1 on tokens up to and including the first stop symbol of each row (all tokens when there is none)."""
+    is_stop = (completion == stop_id).int()
+    before = torch.cumsum(is_stop, 1) - is_stop  # stops strictly before this position
+    return (before == 0).float()
+
+
+@torch.no_grad()
+def sample_completions(model, problems: list[Problem], group_size: int, max_new_tokens: int,
+                       generator: torch.Generator, temperature: float = 1.0, top_k: int | None = None) -> Rollout:
+    """Sample ``group_size`` completions for each problem (batched) and record their log-probs."""
+    prompts = encode_prompts(problems).repeat_interleave(group_size, 0)
+    tokens = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    P = prompts.shape[1]
+    mask = completion_mask(tokens[:, P:])
+    was = model.training
+    model.eval()
+    try:
+        logp_old, _ = sequence_logprobs(model, tokens, P, with_entropy=False)
+    finally:
+        model.train(was)
+    texts = []
+    for row, m in zip(tokens[:, P:].tolist(), mask.sum(1).int().tolist()):
+        texts.append(TOKENIZER.decode(row[:m]))
+    return Rollout(problems, group_size, tokens, P, mask, logp_old, texts)
+
+
+def score(task, rollout: Rollout) -> torch.Tensor:
+    """Rewards from the task's verifier (1 correct, 0 wrong, -1 format error), stored on the rollout."""
+    G = rollout.group_size
+    r = torch.tensor([task.verify(rollout.problems[i // G], t) for i, t in enumerate(rollout.texts)])
+    rollout.rewards = r
+    return r
