@@ -25,4 +25,4 @@ def test_chapter_robust_claims_hold(executed, ch):
 
 
 def test_some_chapters_are_written():
-    assert {24} <= {c.number for c in CHAPTERS}
+    assert {1, 24} <= {c.number for c in CHAPTERS}
