@@ -41,6 +41,14 @@ def _answer_text(completion: str) -> str | None:
     return body.rsplit("|", 1)[-1]
 
 
+def _verify_number(problem: Problem, completion: str) -> float:
+    """A completion whose answer part is the problem's number (1), another number (0), or no number (-1)."""
+    ans = _answer_text(completion)
+    if ans is None or not re.fullmatch(r"\d+", ans):
+        return FORMAT_ERROR
+    return CORRECT if int(ans) == problem.answer else WRONG
+
+
 class AdditionTask:
     """a + b with ``min_digits``..``max_digits``-digit operands; difficulty = digits of the larger operand."""
 
@@ -91,10 +99,7 @@ class AdditionTask:
         return out
 
     def verify(self, problem: Problem, completion: str) -> float:
-        ans = _answer_text(completion)
-        if ans is None or not re.fullmatch(r"\d+", ans):
-            return FORMAT_ERROR
-        return CORRECT if int(ans) == problem.answer else WRONG
+        return _verify_number(problem, completion)
 
 
 class SumToTask:
@@ -175,7 +180,4 @@ class MultiplyTask:
         return [self.make(x, y) for x, y in zip(a, b)]
 
     def verify(self, problem: Problem, completion: str) -> float:
-        ans = _answer_text(completion)
-        if ans is None or not re.fullmatch(r"\d+", ans):
-            return FORMAT_ERROR
-        return CORRECT if int(ans) == problem.answer else WRONG
+        return _verify_number(problem, completion)
