@@ -125,3 +125,12 @@ def test_fit_lm_learns_and_calls_hook_with_domains():
     assert seen[0] == (100, torch.Size([8]), torch.Size([8])) and h.series("loss")[0][0] == 101
     assert h.last("val_repeat") < h["val_repeat"][0] and h.last("val_repeat") < h.last("val_noise")
     assert "hooked" in h.keys()
+
+
+def test_benchmark_compares_equal_sized_models():
+    from rwlib.bench import PlainGPT, train_throughput
+
+    a, b = TinyGPT(97, 8, 1, 16, 2), PlainGPT(97, 8, 1, 16, 2)
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    assert b(torch.randint(0, 97, (2, 8))).shape == (2, 8, 97)
+    assert train_throughput(a, 2, 8, steps=2, warmup=1) > 0
