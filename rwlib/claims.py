@@ -34,7 +34,7 @@ RELATIONS = {
 }
 
 
-@dataclass
+@dataclass(repr=False)
 class Claim:
     name: str
     paper: str
@@ -47,6 +47,11 @@ class Claim:
 
     def describe(self) -> str:
         return f"ours {self.relation} {_fmt(self.target)}"
+
+    def __repr__(self) -> str:
+        mark = "held" if self.held else "NOT HELD"
+        return f"[{mark}] {self.name}: ours = {_fmt(self.ours)}, must hold {self.describe()} " \
+               f"({'robust' if self.robust else 'weak'})"
 
 
 def _fmt(x) -> str:
@@ -149,11 +154,10 @@ def load(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def glue(name: str, value, display: bool = False):
+def glue(name: str, value, display: bool = False) -> None:
     """Glue a number for the prose (myst-nb); a no-op outside the book's toolchain (e.g. on Colab)."""
     try:
         from myst_nb import glue as _glue
     except ImportError:  # pragma: no cover - Colab without myst-nb
-        return value
+        return
     _glue(name, value, display=display)
-    return value
