@@ -154,8 +154,19 @@ def load(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def plain(value):
+    """A numpy or torch scalar as a plain Python number; anything else unchanged."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
 def glue(name: str, value, display: bool = False) -> None:
-    """Glue a number for the prose (myst-nb); a no-op outside the book's toolchain (e.g. on Colab)."""
+    """Glue a number for the prose (myst-nb); a no-op outside the book's toolchain (e.g. on Colab).
+
+    numpy and torch scalars are turned into Python numbers first: myst-nb formats ``{glue:text}`x:.2f``` from the
+    stored text, and ``np.float64(0.5)`` would not parse as a number."""
+    value = plain(value)
     try:
         from myst_nb import glue as _glue
     except ImportError:  # pragma: no cover - Colab without myst-nb

@@ -247,3 +247,10 @@ def test_fetch_offline_error_and_unknown_name(tmp_path):
         registry.fetch("toy", directory=tmp_path, registry=reg, timeout=0.5)
     with pytest.raises(ValueError, match="'mnist'.*cifar10"):
         registry.fetch("mnist", directory=tmp_path)
+
+
+def test_glue_gets_plain_numbers():
+    """myst-nb formats glued numbers from their text; np.float64(0.25) would not parse."""
+    assert repr(claims.plain(np.float64(0.25))) == "0.25" and claims.plain(torch.tensor(3.0)) == 3.0
+    assert type(claims.plain(np.int64(4))) is int and claims.plain("x") == "x"
+    assert isinstance(claims.plain(torch.zeros(2)), torch.Tensor)  # not a scalar: unchanged
