@@ -1,88 +1,419 @@
-r"""STEER: per-token reweighting of the policy-gradient loss by each token's predicted entropy change.
+r"""STEER: Stabilizing Token-level Entropy-changE via Reweighting.
 
 Reference
 ---------
 Zhezheng Hao, Hong Wang, Haoyang Liu, Jian Luo, Jiarui Yu, Hande Dong, Qiang Lin, Can Wang, Jiawei Chen.
 "Rethinking Entropy Interventions in RLVR: An Entropy Change Perspective." arXiv:2510.10150 (2025).
-Official code: github.com/zz-haooo/STEER (a verl fork; ``compute_token_weights`` in
-``verl/trainer/ppo/core_algos.py``), read for understanding; written anew here.
+Official code: github.com/zz-haooo/STEER (a verl fork; ``verl/trainer/ppo/core_algos.py``, functions
+``compute_token_weights`` and ``compute_policy_loss_with_entropy``, loss mode ``"entropy_control"``; scripts
+``run/run_exp.sh`` and ``run/run_linear.sh``). This module is written for the book from the paper and a reading
+of that code; it reproduces the code's arithmetic without reusing its source.
 
-Equations
----------
-(E1) First-order entropy change of one softmax with logits z after a gradient step of size eta on
-     ``A * pi_a / pi_old,a`` (the sampled token a):
-     ``dH ~= -eta (A / pi_old,a) pi_a [ pi_a (log pi_a + H) - sum_j pi_j^2 (log pi_j + H) ]``.
-(E2) STEER's per-token estimate keeps the sampled-token factor:
-     ``Omega_t = (A_t / pi_old,t) * pi_t (1 - pi_t) (log pi_t + H_t)``, with pi clamped to [1e-8, 1 - 1e-8],
-     pi_old to [1e-8, 1]; non-finite values are set to 0; STEER uses ``|Omega_t|``.
-(E3) Weights over the batch's valid tokens, exponential mapping (the default):
-     ``k = -ln(w_min) / max(max_t |Omega_t|, 0.02)``, ``w_t = clamp(exp(-k |Omega_t|), w_min, 1)``;
-     linear mapping: ``w_t = w_max - (|Omega_t| - min) (w_max - w_min) / (max - min)``, clamped; all equal ->
-     ``(w_min + w_max) / 2``. Masked tokens get weight 0.
-(E4) The loss is the clipped policy-gradient loss with these per-token weights (``rwlib.rl.clipped_pg_loss``).
+Equations (numbers are referred to in the comments of the code below)
+---------------------------------------------------------------------
+Notation for one sampled token ``a`` at one position of a completion: ``pi = pi_theta(a)`` the current policy's
+probability, ``pi_old`` the rollout policy's, ``H`` the current policy's full-vocabulary entropy there, ``A`` the
+sequence's advantage, ``r = pi / pi_old`` the importance ratio.
+
+(S1) Entropy gradient of a softmax over logits ``z``: ``dH/dz_j = -pi_j (log pi_j + H)``.
+
+(S2) Exact first-order entropy change of one policy-gradient step on the logits of one position. Ascending
+     ``A r`` by ``eta`` moves the logits by ``dz = eta A r (e_a - pi)``, so
+     ``dH ~= -eta A r [ pi_a (log pi_a + H) - sum_j pi_j^2 (log pi_j + H) ]``.
+
+(S3) STEER's per-token estimate (the code's ``metric``), computed without gradient:
+     ``Omega = (A / pi_old) * pi (1 - pi) (log pi + H)``, with ``pi`` clamped to ``[1e-8, 1 - 1e-8]`` and
+     ``pi_old`` to ``[1e-8, 1]``; non-finite values are set to 0; STEER uses ``|Omega|``.
+     Keeping only the sampled logit's own term of the sum in (S2) (``sum_j pi_j^2 (...) ~= pi_a^2 (...)``) gives
+     ``dH ~= -eta pi Omega``, so ``-Omega`` has the sign of the predicted entropy change: a positive advantage on
+     a token more likely than typical (``log pi + H > 0``) sharpens the distribution, one on an unlikely token
+     flattens it, and a negative advantage does the reverse (the paper's four quadrants).
+
+(S4) Exponential mapping (the paper's default, ``run_exp.sh``), over the valid tokens of the (micro-)batch:
+     ``k = -ln(lambda_min) / max(max_t |Omega_t|, floor)`` with ``floor = 0.02``,
+     ``w_t = clamp(exp(-k |Omega_t|), lambda_min, 1)``: the token with the largest ``|Omega|`` gets
+     ``lambda_min`` (when that maximum exceeds the floor) and ``Omega = 0`` keeps weight 1.
+
+(S5) Linear mapping (``run_linear.sh``):
+     ``w_t = lambda_max - (|Omega_t| - min|Omega|) (lambda_max - lambda_min) / (max|Omega| - min|Omega|)``,
+     clamped to ``[lambda_min, lambda_max]``; ``(lambda_min + lambda_max) / 2`` when all ``|Omega|`` are equal.
+
+(S6) Loss: the clipped (dual-clip) PPO surrogate per token, multiplied by ``w_t`` before the token-mean
+     aggregation (:func:`rwlib.rl.clipped_pg_loss` with ``token_weights``); masked tokens get weight 0.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
 import torch
 
-__all__ = ["omega", "token_weights", "weight_fn", "first_order_entropy_change", "softmax_entropy"]
+from ..data.tasks import AdditionTask, Problem
+from ..data.text import TOKENIZER
+from ..models import TinyGPT
+from ..rl import (GRPOConfig, clipped_pg_loss, group_advantages, sample_completions, sequence_logprobs, sft_train,
+                  train_grpo)
+from ..rl.rollout import score
+
+PI_MIN = 1e-8
 
 
-@torch.no_grad()
-def omega(adv: torch.Tensor, entropy: torch.Tensor, logp: torch.Tensor, logp_old: torch.Tensor) -> torch.Tensor:
-    """(E2) |Omega| per token; ``adv`` is (N,) or (N, T)."""
-    if adv.dim() == 1:
-        adv = adv[:, None]
-    p = torch.exp(logp).clamp(1e-8, 1 - 1e-8)
-    p_old = torch.exp(logp_old).clamp(1e-8, 1.0)
-    m = (adv / p_old) * p * (1 - p) * (torch.log(p) + entropy)  # (E2)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m.abs()
+# ---------------------------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------------------------
+def _check_inputs(adv, entropy, logp, logp_old) -> None:
+    for name, t in (("adv", adv), ("entropy", entropy), ("logp", logp), ("logp_old", logp_old)):
+        if not torch.is_tensor(t):
+            raise ValueError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    shape = tuple(logp.shape)
+    for name, t in (("entropy", entropy), ("logp_old", logp_old)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; valid: {shape}, the shape of logp")
+    per_seq = len(shape) == 2 and tuple(adv.shape) == (shape[0],)
+    if not per_seq and tuple(adv.shape) != shape:
+        valid = f"{shape} or ({shape[0]},) (one advantage per sequence)" if len(shape) == 2 else f"{shape}"
+        raise ValueError(f"adv has shape {tuple(adv.shape)}; valid: {valid}")
 
 
-@torch.no_grad()
-def token_weights(om: torch.Tensor, mask: torch.Tensor, w_min: float = 0.8, w_max: float = 1.0,
+def omega(adv: torch.Tensor, entropy: torch.Tensor, logp: torch.Tensor, logp_old: torch.Tensor, *,
+          signed: bool = False) -> torch.Tensor:
+    """STEER's estimated entropy change of each token, (S3): ``|A / pi_old * pi (1 - pi) (log pi + H)|``.
+
+    ``adv`` is (N,) per sequence or (N, T) per token; ``entropy``, ``logp`` (current policy) and ``logp_old``
+    (rollout policy) are (N, T). ``signed=True`` keeps the sign (the official code always takes the absolute
+    value); ``-Omega`` then has the sign of the predicted entropy change.
+    """
+    _check_inputs(adv, entropy, logp, logp_old)
+    with torch.no_grad():
+        adv = adv.float()
+        if adv.dim() == 1 and logp.dim() == 2:
+            adv = adv[:, None]
+        pi = torch.clamp(torch.exp(logp.float()), min=PI_MIN, max=1.0 - PI_MIN)     # (S3) current pi, clamped
+        f = pi * (1.0 - pi) * (torch.log(pi) + entropy.float())                      # (S3) pi (1 - pi)(log pi + H)
+        pi_old = torch.clamp(torch.exp(logp_old.float()), min=PI_MIN, max=1.0)      # (S3) rollout pi_old, clamped
+        om = adv / pi_old * f                                                         # (S3) Omega
+        om = torch.where(torch.isfinite(om), om, torch.zeros_like(om))                # (S3) non-finite -> 0
+        return om if signed else om.abs()                                             # (S3) |Omega|
+
+
+def token_weights(omega: torch.Tensor, mask: torch.Tensor, w_min: float = 0.8, w_max: float = 1.0,
                   linear: bool = False, floor: float = 0.02) -> torch.Tensor:
-    """(E3) token weights in [w_min, 1] (exponential) or [w_min, w_max] (linear); 0 on masked tokens."""
-    if not 0 < w_min <= w_max:
-        raise ValueError(f"bad weights w_min={w_min}, w_max={w_max}: need 0 < w_min <= w_max")
-    valid = mask.bool()
-    out = torch.zeros_like(om, dtype=torch.float32)
-    if not valid.any():
-        return out
-    v = om[valid].float()
-    if linear:
+    """STEER's token weights from ``|Omega|`` over the valid tokens of the batch: the exponential mapping (S4,
+    default; ``w_max`` is not used there, the code caps at 1) or the linear one (S5). Masked tokens get 0."""
+    if not (0.0 < w_min <= w_max):
+        raise ValueError(f"bad w_min={w_min}, w_max={w_max}: valid 0 < w_min <= w_max")
+    if not linear and w_min > 1.0:
+        raise ValueError(f"bad w_min={w_min} for the exponential mapping: valid 0 < w_min <= 1")
+    if not floor > 0:
+        raise ValueError(f"bad floor={floor}: valid floor > 0 (the official code uses 0.02)")
+    if tuple(omega.shape) != tuple(mask.shape):
+        raise ValueError(f"omega has shape {tuple(omega.shape)}, mask {tuple(mask.shape)}; valid: equal shapes")
+    with torch.no_grad():
+        m = mask.bool()
+        metric = omega.detach().float().abs()
+        out = torch.zeros_like(metric)
+        if not m.any():
+            return out
+        v = metric[m]
         lo, hi = v.min(), v.max()
-        w = (w_max - (v - lo) * (w_max - w_min) / (hi - lo)) if hi > lo else torch.full_like(v, (w_min + w_max) / 2)
-        w = w.clamp(w_min, w_max)
-    else:
-        k = -torch.log(torch.tensor(w_min)) / torch.clamp(v.max(), min=floor)  # (E3)
-        w = torch.exp(-k * v).clamp(w_min, 1.0)  # (E3)
-    out[valid] = w
-    return out
+        if linear:
+            if hi > lo:
+                w = w_max - (v - lo) * (w_max - w_min) / (hi - lo)                   # (S5)
+            else:
+                w = torch.full_like(v, (w_min + w_max) / 2)                           # (S5) all |Omega| equal
+            w = w.clamp(w_min, w_max)                                                 # (S5) clamp
+        else:
+            k = -math.log(w_min) / torch.clamp(hi, min=floor)                         # (S4) k
+            w = torch.exp(-k * v).clamp(w_min, 1.0)                                   # (S4) w_t
+        out[m] = w
+        return out * mask.float()                                                     # (S6) masked tokens -> 0
 
 
-def weight_fn(w_min: float = 0.8, w_max: float = 1.0, linear: bool = False):
-    """STEER as ``token_weight_fn`` of :func:`rwlib.rl.train_grpo` (called on each mini-batch)."""
+def token_weight_fn(w_min: float = 0.8, w_max: float = 1.0, linear: bool = False, floor: float = 0.02):
+    """A ``token_weight_fn`` for :func:`rwlib.rl.train_grpo`: ``fn(adv, entropy, logp, logp_old, mask)`` returns
+    the (N, T) STEER weights of the mini-batch, (S3)-(S5)."""
+    token_weights(torch.zeros(1, 1), torch.ones(1, 1), w_min, w_max, linear, floor)  # fail now, not mid-run
 
     def fn(adv, entropy, logp, logp_old, mask):
-        return token_weights(omega(adv, entropy, logp, logp_old), mask, w_min, w_max, linear)
+        return token_weights(omega(adv, entropy, logp, logp_old), mask, w_min, w_max, linear, floor)
 
     return fn
 
 
-def softmax_entropy(z: torch.Tensor) -> torch.Tensor:
-    p = torch.softmax(z, -1)
-    return -(p * torch.log_softmax(z, -1)).sum(-1)
+def steer_loss(logp, logp_old, adv, mask, entropy, *, w_min: float = 0.8, w_max: float = 1.0,
+               linear: bool = False, floor: float = 0.02, eps_low: float = 0.2, eps_high: float = 0.28,
+               clip_c: float | None = 10.0, agg: str = "token-mean"):
+    """The STEER policy loss (S6): :func:`rwlib.rl.clipped_pg_loss` with the no-grad weights of (S3)-(S5).
+    Returns ``(loss, info)``; ``info["weights"]`` holds the weights."""
+    w = token_weights(omega(adv, entropy.detach(), logp.detach(), logp_old), mask, w_min, w_max, linear, floor)
+    loss, info = clipped_pg_loss(logp, logp_old, adv, mask, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c,
+                                 token_weights=w, agg=agg)
+    info["weights"] = w
+    return loss, info
 
 
-def first_order_entropy_change(logits: torch.Tensor, a: torch.Tensor, adv: torch.Tensor, eta: float) -> torch.Tensor:
-    """(E1) the predicted entropy change of each row's softmax (on-policy: pi_old = pi) after the step
-    ``z <- z + eta * grad_z (A pi_a / pi_old,a)``."""
-    p = torch.softmax(logits, -1)
-    logp = torch.log_softmax(logits, -1)
-    H = -(p * logp).sum(-1)
-    pa = p.gather(-1, a[..., None]).squeeze(-1)
-    inner = pa * (logp.gather(-1, a[..., None]).squeeze(-1) + H) - (p ** 2 * (logp + H[..., None])).sum(-1)
-    return -eta * adv * inner  # (E1) with pi_a / pi_old,a = 1
+# ---------------------------------------------------------------------------------------------------------------
+# The entropy change of one step on one softmax: first order (S2) and the real thing
+# ---------------------------------------------------------------------------------------------------------------
+def first_order_entropy_change(logits: torch.Tensor, a: torch.Tensor, adv, eta: float,
+                               logp_old: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact first-order entropy change (S2) of a softmax whose logits take one gradient-ascent step of size
+    ``eta`` on ``A * pi_a / pi_old``. ``logits`` (..., V); ``a`` (...) sampled indices; ``adv`` a number or (...);
+    ``logp_old`` (...), default on-policy (``pi_old = pi``, ratio 1). Float64."""
+    if not torch.is_tensor(a) or tuple(a.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"a has shape {tuple(getattr(a, 'shape', ()))}; valid: logits.shape[:-1] = "
+                         f"{tuple(logits.shape[:-1])}")
+    logp_all = torch.log_softmax(logits.detach().double(), -1)
+    p = logp_all.exp()
+    H = -(p * logp_all).sum(-1, keepdim=True)
+    g = -p * (logp_all + H)                                                           # (S1) dH/dz_j
+    lpa = logp_all.gather(-1, a[..., None].long()).squeeze(-1)
+    ratio = torch.ones_like(lpa) if logp_old is None else torch.exp(lpa - logp_old.double())
+    adv = torch.as_tensor(adv, dtype=torch.float64)
+    # (S2) dH = eta A r <dH/dz, e_a - pi> = -eta A r [pi_a(log pi_a + H) - sum_j pi_j^2 (log pi_j + H)]
+    return eta * adv * ratio * (g.gather(-1, a[..., None].long()).squeeze(-1) - (p * g).sum(-1))
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of a softmax in float64 (:func:`rwlib.rl.token_entropy` works in float32, too coarse for the tiny
+    changes of a finite-difference check)."""
+    lp = torch.log_softmax(logits.double(), -1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def stepped_entropy_change(logits: torch.Tensor, a: torch.Tensor, adv, eta: float,
+                           logp_old: torch.Tensor | None = None) -> torch.Tensor:
+    """The true entropy change of the same step as (S2), by taking it: ``H(z + eta grad) - H(z)``, float64."""
+    z = logits.detach().double().clone().requires_grad_(True)
+    lpa = torch.log_softmax(z, -1).gather(-1, a[..., None].long()).squeeze(-1)
+    lpo = lpa.detach() if logp_old is None else logp_old.double()
+    obj = (torch.as_tensor(adv, dtype=torch.float64) * torch.exp(lpa - lpo)).sum()
+    (grad,) = torch.autograd.grad(obj, z)
+    return softmax_entropy(z.detach() + eta * grad) - softmax_entropy(z.detach())
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    return float(np.corrcoef(pd.Series(np.asarray(x)).rank(), pd.Series(np.asarray(y)).rank())[0, 1])
+
+
+def sign_agreement(pred, true) -> float:
+    """Fraction of entries where ``pred`` and ``true`` have the same sign (entries with ``pred == 0`` skipped)."""
+    pred, true = np.asarray(pred), np.asarray(true)
+    keep = pred != 0
+    return float((np.sign(pred[keep]) == np.sign(true[keep])).mean())
+
+
+def tabular_check(n: int = 3000, vocab: int = 50, eta: float = 1e-3, seed: int = 0) -> pd.DataFrame:
+    """Random softmaxes (logit scales from flat to peaked), a sampled token, a random advantage and a slightly
+    stale ``pi_old``: STEER's signed Omega, the first-order change (S2) and the measured change of the step."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.empty(n, 1, dtype=torch.float64).uniform_(math.log(0.3), math.log(6.0), generator=g))
+    z = torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale
+    a = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    lpa = torch.log_softmax(z, -1).gather(1, a[:, None]).squeeze(1)
+    logp_old = lpa + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    H = softmax_entropy(z)
+    om = omega(adv, H, lpa, logp_old, signed=True).double()
+    return pd.DataFrame({
+        "pi": lpa.exp().numpy(), "entropy": H.numpy(), "adv": adv.numpy(), "omega": om.numpy(),
+        "first_order": first_order_entropy_change(z, a, adv, eta, logp_old).numpy(),
+        "measured": stepped_entropy_change(z, a, adv, eta, logp_old).numpy()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chapter's experiment: an SFT warm start with label noise, then GRPO and its entropy interventions
+# ---------------------------------------------------------------------------------------------------------------
+def noisy_problem_fn(task: AdditionTask, noise: float):
+    """A ``problem_fn`` for SFT whose reference answer has a wrong last digit with probability ``noise``, so the
+    fine-tuned policy stays uncertain (non-trivial entropy) and RL has something to sharpen."""
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"bad noise={noise}: valid 0 <= noise < 1")
+
+    def fn(n: int, generator: torch.Generator) -> list[Problem]:
+        out = []
+        for p in task.sample(n, generator):
+            if float(torch.rand((), generator=generator)) < noise:
+                ans = str(p.answer)
+                wrong = (int(ans[-1]) + int(torch.randint(1, 10, (1,), generator=generator))) % 10
+                p = Problem(p.prompt, ans[:-1] + str(wrong) + ";", p.answer, p.difficulty)
+            out.append(p)
+        return out
+
+    return fn
+
+
+def warm_start(task: AdditionTask, *, steps: int, seed: int, noise: float = 0.2, n_layer: int = 2,
+               n_embd: int = 64, lr: float = 3e-3, batch_size: int = 32, device="cpu") -> TinyGPT:
+    """The shared starting policy: a TinyGPT fine-tuned on noisy additions (every RL run deep-copies it)."""
+    torch.manual_seed(seed)
+    model = TinyGPT(TOKENIZER.vocab_size, block_size=16, n_layer=n_layer, n_embd=n_embd, n_head=4).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sft_train(model, opt, task, steps, batch_size, torch.Generator().manual_seed(seed),
+              problem_fn=noisy_problem_fn(task, noise), desc="sft warm start")
+    return model
+
+
+@dataclass
+class Probe:
+    """A ``token_weight_fn`` wrapper that records, at every update, the mini-batch's mean token entropy and
+    mean |Omega| and, when ``weight_fn`` is given, STEER's weights (without it the loss is untouched). Give
+    ``probe.on_rollout`` to :func:`rwlib.rl.train_grpo` too, so that updates are grouped by rollout batch."""
+
+    weight_fn: object = None
+    rows: list = field(default_factory=list)
+    rollout: int = -1
+
+    def on_rollout(self, ro) -> dict:
+        self.rollout += 1
+        return {}
+
+    def __call__(self, adv, entropy, logp, logp_old, mask):
+        w = self.weight_fn(adv, entropy, logp, logp_old, mask) if self.weight_fn is not None else None
+        m = mask.bool()
+        if not m.any():
+            return w
+        om = omega(adv, entropy, logp, logp_old)
+        row = {"rollout": self.rollout, "entropy": float(entropy[m].mean()), "abs_omega": float(om[m].mean())}
+        if w is not None:
+            v = w[m]
+            row.update(w_min=float(v.min()), w_mean=float(v.mean()), w_max=float(v.max()),
+                       w_damped=float((v < 0.99).float().mean()))
+        self.rows.append(row)
+        return w
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows)
+        df.insert(0, "update", np.arange(len(df)))
+        return df
+
+    def entropy_changes(self) -> np.ndarray:
+        """Change of the mean token entropy made by one update, measured on the *same* tokens: what the next pass
+        over the rollout batch sees minus what this pass saw (needs ``ppo_epochs >= 2``, ``minibatches == 1``)."""
+        out = []
+        for _, grp in self.frame().groupby("rollout"):
+            out.extend(np.diff(grp["entropy"].to_numpy()).tolist())
+        return np.asarray(out)
+
+
+METHODS = ("GRPO", "clip-higher", "entropy bonus", "STEER")
+
+
+def method_config(name: str, base: GRPOConfig, *, eps_high: float = 0.28, entropy_coef: float = 0.01
+                  ) -> GRPOConfig:
+    """The configuration of one of :data:`METHODS`; STEER runs on top of clip-higher, as in the paper."""
+    if name == "GRPO":
+        return base
+    if name in ("clip-higher", "STEER"):
+        return base.but(eps_high=eps_high)
+    if name == "entropy bonus":
+        return base.but(entropy_coef=entropy_coef)
+    raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+
+
+def run_method(name: str, start: TinyGPT, task, cfg: GRPOConfig, *, updates: int, lr: float, seed: int,
+               w_min: float = 0.8, linear: bool = False, entropy_coef: float = 0.01):
+    """Deep-copy ``start`` and train it with method ``name`` (same rollout seed for every method).
+    Returns ``(model, history, probe)``."""
+    cfg = method_config(name, cfg, entropy_coef=entropy_coef)
+    model = copy.deepcopy(start)
+    probe = Probe(token_weight_fn(w_min=w_min, linear=linear) if name == "STEER" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    hist = train_grpo(model, opt, task, cfg, updates, torch.Generator().manual_seed(10_000 + seed),
+                      token_weight_fn=probe, on_rollout=probe.on_rollout, desc=name)
+    return model, hist, probe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mechanism in the network: one small SGD step on a frozen rollout batch
+# ---------------------------------------------------------------------------------------------------------------
+def frozen_batch(model, task, generator: torch.Generator, prompts: int = 16, group_size: int = 8,
+                 max_new_tokens: int = 4):
+    """One scored rollout batch with group advantages (the frozen batch of the mechanism check)."""
+    ro = sample_completions(model, task.sample(prompts, generator), group_size, max_new_tokens, generator)
+    ro.advantages = group_advantages(score(task, ro), group_size)
+    return ro
+
+
+def _token_stats(model, ro):
+    """Logits, log-prob of the sampled token and entropy at every completion position, in the model's dtype
+    (float64 for the mechanism checks, so that tiny steps are not lost to rounding)."""
+    logits = model(ro.tokens[:, :-1])[:, ro.prompt_len - 1:]
+    logp_all = torch.log_softmax(logits, -1)
+    lp = logp_all.gather(-1, ro.completion[..., None]).squeeze(-1)
+    return logits, lp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def rollout_weights(model, ro, w_min: float = 0.8, **kw) -> torch.Tensor:
+    """STEER's weights (S3)-(S5) for a rollout batch under ``model`` (the current policy), (N, T)."""
+    with torch.no_grad():
+        _, lp, ent = _token_stats(model, ro)
+    return token_weights(omega(ro.advantages, ent, lp, ro.logp_old), ro.mask, w_min, **kw)
+
+
+def isolated_token_steps(model, ro, *, eta: float, n_tokens: int, generator: torch.Generator) -> pd.DataFrame:
+    """For ``n_tokens`` random valid tokens with a non-zero advantage: take one SGD step of size ``eta`` on that
+    token's own objective ``A pi / pi_old`` alone (all parameters move), measure the entropy change at its
+    position, restore the parameters. Returns STEER's signed Omega, the tabular prediction (S2) from the
+    network's logits, and the measured change."""
+    work = copy.deepcopy(model).double()
+    work.train(False)
+    params = [p for p in work.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        logits, lp, ent = _token_stats(work, ro)
+    adv = ro.advantages
+    om = omega(adv, ent, lp, ro.logp_old, signed=True)
+    tab = first_order_entropy_change(logits, ro.completion, adv[:, None].expand_as(lp), eta)
+    valid = (ro.mask.bool() & (adv[:, None] != 0)).nonzero()
+    pick = valid[torch.randperm(len(valid), generator=generator)[:n_tokens]]
+    rows = []
+    for i, t in pick.tolist():
+        x = ro.tokens[i:i + 1, :-1]
+        pos = ro.prompt_len - 1 + t
+        lpi = torch.log_softmax(work(x)[0, pos], -1)[ro.tokens[i, ro.prompt_len + t]]
+        obj = adv[i] * torch.exp(lpi - lp[i, t])                            # this token's surrogate A * r, r = 1
+        grads = torch.autograd.grad(obj, params, allow_unused=True)
+        with torch.no_grad():
+            for p, gr in zip(params, grads):
+                if gr is not None:
+                    p.add_(eta * gr)                                         # gradient ascent on A * ratio
+            after = softmax_entropy(work(x)[0, pos])
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        rows.append({"omega": float(om[i, t]), "first_order": float(tab[i, t]), "pi": float(lp[i, t].exp()),
+                     "entropy": float(ent[i, t]), "adv": float(adv[i]), "measured": float(after - ent[i, t])})
+    return pd.DataFrame(rows)
+
+
+def batch_step(model, ro, *, eta: float) -> pd.DataFrame:
+    """One SGD step of size ``eta`` on the whole frozen batch (GRPO's surrogate, summed over tokens and averaged
+    over sequences); per valid token: STEER's signed Omega and the measured entropy change at its position."""
+    work = copy.deepcopy(model).double()
+    work.train(False)
+    logits, lp, ent = _token_stats(work, ro)
+    loss, _ = clipped_pg_loss(lp, lp.detach(), ro.advantages.double(), ro.mask.double(), agg="seq-sum")
+    work.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in work.parameters():
+            if p.grad is not None:
+                p.add_(-eta * p.grad)
+        _, _, ent2 = _token_stats(work, ro)
+    m = ro.mask.bool() & (ro.advantages[:, None] != 0)
+    om = omega(ro.advantages, ent.detach(), lp.detach(), ro.logp_old, signed=True)
+    return pd.DataFrame({"omega": om[m].numpy(), "measured": (ent2 - ent.detach())[m].numpy()})
+
+
+def rollout_entropy(model, ro) -> float:
+    """Mean token entropy of ``model`` over the valid completion tokens of rollout ``ro`` (e.g. its own samples on
+    the held-out problems, from :func:`rwlib.rl.evaluate_task`)."""
+    with torch.no_grad():
+        _, ent = sequence_logprobs(model, ro.tokens, ro.prompt_len)
+    m = ro.mask.bool()
+    return float(ent[m].mean())
