@@ -135,6 +135,22 @@ def unmerge_all(model: nn.Module) -> None:
         a.unmerge()
 
 
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of every adapter in ``model`` (what an optimizer of a PEFT run receives)."""
+    return [p for a in adapters(model).values() for p in a.trainable_parameters()]
+
+
+def trainable_copy(base: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+    """Full fine-tuning's starting point: a deep copy of ``base`` in train mode with every parameter trainable,
+    and the list of those parameters. ``base`` itself is left untouched."""
+    import copy
+
+    model = copy.deepcopy(base).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, list(model.parameters())
+
+
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -16,6 +16,12 @@ import torch
 from torch import nn
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (``cpu`` for a module without parameters)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 class MLP(nn.Module):
     def __init__(self, in_features: int, hidden: tuple[int, ...] | list[int], out_features: int,
                  bn: bool = False, activation: type[nn.Module] = nn.ReLU):
@@ -188,7 +194,10 @@ class TinyGPT(nn.Module):
                     if top_k is not None:
                         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                         logits = logits.masked_fill(logits < kth, float("-inf"))
-                    nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+                    probs = torch.softmax(logits, -1)
+                    if generator is not None and generator.device != probs.device:
+                        probs = probs.to(generator.device)  # a CPU generator keeps GPU sampling reproducible
+                    nxt = torch.multinomial(probs, 1, generator=generator).to(idx.device)
                 idx = torch.cat([idx, nxt], dim=1)
         finally:
             self.train(was)

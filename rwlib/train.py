@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import module_device
 from .repro import progress_enabled
 
 
@@ -233,11 +234,12 @@ def eval_lm(model: nn.Module, val: dict[str, torch.Tensor], block: int, n_window
     from .data.text import eval_windows
 
     was = model.training
+    device = module_device(model)
     model.eval()
     try:
         out = {}
         for name, tokens in val.items():
-            x, y = eval_windows(tokens, block, n_windows)
+            x, y = (t.to(device) for t in eval_windows(tokens, block, n_windows))
             out[f"val_{name}"] = model.token_losses(x, y).mean().item()
     finally:
         model.train(was)

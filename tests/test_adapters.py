@@ -59,6 +59,21 @@ def test_wrap_tinygpt_blocks_and_count():
     assert adapters.count_trainable(m) == expected
     with pytest.raises(ValueError, match="unknown LoRA init 'svd'"):
         LoRALinear(nn.Linear(4, 4), 2, init="svd")
+    params = adapters.adapter_parameters(m)
+    assert sum(p.numel() for p in params) == expected and all(p.requires_grad for p in params)
+
+
+def test_trainable_copy_leaves_the_base_frozen_and_untouched():
+    base = TinyGPT(97, 16, 1, 32, 2)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model, params = adapters.trainable_copy(base.eval())
+    assert model.training and not base.training
+    assert len(params) == len(list(base.parameters())) and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for p in base.parameters())
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert not torch.equal(params[0], next(base.parameters()))
 
 
 # ------------------------------------------------------------------------------------------------ peft

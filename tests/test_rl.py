@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rwlib.data.tasks import FORMAT_ERROR, AdditionTask, SumToTask, encode_prompts, sft_batch
+from rwlib.data.tasks import (FORMAT_ERROR, AdditionTask, MultiplyTask, SumToTask, encode_prompts, sft_batch,
+                              split_problems)
 from rwlib.models import TinyGPT
-from rwlib.rl import (GRPOConfig, aggregate, clipped_pg_loss, evaluate_task, group_advantages, pass_at_k,
-                      rloo_advantages, sample_completions, sequence_logprobs, token_entropy, train_grpo)
+from rwlib.rl import (GRPOConfig, aggregate, answer_loss, clipped_pg_loss, evaluate_task, exact_match,
+                      group_advantages, pass_at_k, rloo_advantages, sample_completions, sequence_logprobs,
+                      sft_objective, sft_train, token_entropy, train_grpo)
 from rwlib.rl.rollout import completion_mask
 
 
@@ -142,6 +144,35 @@ def test_sampling_is_reproducible_for_a_seed():
     # logp_old is the sampling policy's log-prob of the sampled tokens
     lp, _ = sequence_logprobs(m, a.tokens, a.prompt_len)
     assert torch.allclose(lp, a.logp_old, atol=1e-5)
+
+
+def test_multiply_problems_and_split():
+    task = MultiplyTask(10, 19)
+    problems = task.all_problems()
+    assert len(problems) == 10 * 8 and len({p.prompt for p in problems}) == 80
+    assert all(task.verify(p, p.target) == 1 for p in problems)
+    train, held = split_problems(problems, 60, seed=3)
+    assert len(train) == 60 and len(held) == 20 and not {p.prompt for p in train} & {p.prompt for p in held}
+    assert split_problems(problems, 60, seed=3) == (train, held) and split_problems(problems, 60, seed=4) != (train, held)
+    with pytest.raises(ValueError, match="bad n_train 80: expected 1..79"):
+        split_problems(problems, 80, seed=0)
+
+
+def test_sft_train_on_a_pool_learns_and_answer_loss_agrees():
+    torch.manual_seed(0)
+    m = TinyGPT(97, 16, 1, 32, 2)
+    problems = MultiplyTask(2, 5).all_problems()[:6]
+    x, y, mask = sft_batch(problems)
+    before = answer_loss(m, problems)
+    with torch.no_grad():
+        m.eval()
+        assert before == pytest.approx(float(sft_objective(m, x, y, mask)), rel=1e-6)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    hist = sft_train(m, opt, None, 200, 6, torch.Generator().manual_seed(0), problems=problems)
+    assert len(hist["loss"]) == 200 and answer_loss(m, problems) < 0.1 * before
+    assert exact_match(m, MultiplyTask(2, 5), problems, max_new_tokens=4) == 1.0
+    with pytest.raises(ValueError, match="either a fixed pool"):
+        sft_train(m, opt, None, 1, 2, torch.Generator(), problems=problems, problem_fn=lambda n, g: problems)
 
 
 def test_train_grpo_smoke_and_evaluate():

@@ -139,6 +139,14 @@ def encode_prompts(problems: list[Problem]) -> torch.Tensor:
     return torch.stack([TOKENIZER.encode(p.prompt) for p in problems])
 
 
+def split_problems(problems: list[Problem], n_train: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """``problems`` shuffled with ``seed`` and split into ``n_train`` training problems and the held-out rest."""
+    if not 1 <= n_train < len(problems):
+        raise ValueError(f"bad n_train {n_train}: expected 1..{len(problems) - 1} ({len(problems)} problems)")
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [problems[i] for i in order[:n_train]], [problems[i] for i in order[n_train:]]
+
+
 def sft_batch(problems: list[Problem], completions: list[str] | None = None, block: int | None = None):
     """Token windows for supervised fine-tuning on ``prompt + completion`` (the reference by default).
 
@@ -173,6 +181,10 @@ class MultiplyTask:
 
     def make(self, a: int, b: int) -> Problem:
         return Problem(f"m{a:0{self.width}d}x{b}=", f"{a * b}{STOP}", a * b, len(str(a * b)))
+
+    def all_problems(self) -> list[Problem]:
+        """Every distinct problem: operands ``low..high`` times ``2..9``, in that order."""
+        return [self.make(a, b) for a in range(self.low, self.high + 1) for b in range(2, 10)]
 
     def sample(self, n: int, generator: torch.Generator) -> list[Problem]:
         a = torch.randint(self.low, self.high + 1, (n,), generator=generator).tolist()

@@ -38,9 +38,10 @@ FT") and ``mask="random"`` (k random entries, redrawn at each refresh as in the 
 ``select="smallest"`` picks the k *smallest* entries instead: the official July-2025 configs
 (``mask_type="lift_sparse"``) do this, unlike the paper; it is offered only as a labelled ablation.
 
-Chapter drivers (chapter 20): :func:`multiply_split`, :func:`finetune`, :func:`target_accuracy`,
-:func:`target_loss`, :func:`source_loss`,
-:func:`compare_methods`, :func:`mask_overlap`, :func:`minilm_linears`.
+Chapter drivers (chapter 20): :func:`finetune`, :func:`compare_methods`, :func:`mask_overlap`,
+:func:`minilm_linears`. The fine-tuning loop, exact match, the answer-token loss and the source loss are the
+substrate's (:func:`rwlib.rl.sft_train`, :func:`rwlib.rl.exact_match`, :func:`rwlib.rl.answer_loss`,
+:func:`rwlib.pretrained.source_loss`).
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ from torch import nn
 
 __all__ = [
     "lift_budget", "lowrank_approx", "principal_mask", "magnitude_mask", "random_mask", "jaccard", "LIFTAdam",
-    "METHODS", "all_problems", "multiply_split", "finetune", "target_accuracy", "target_loss", "source_loss",
-    "compare_methods", "mask_overlap", "model_linears", "minilm_linears",
+    "METHODS", "finetune", "compare_methods", "mask_overlap", "model_linears", "minilm_linears",
 ]
 
 SELECTS = ("largest", "smallest")
@@ -266,23 +266,9 @@ class LIFTAdam(torch.optim.Optimizer):
 METHODS = ("Full FT", "LoRA", "Magnitude", "Random", "LIFT")
 
 
-def all_problems(task) -> list:
-    """Every distinct problem of ``task`` (a :class:`rwlib.data.tasks.MultiplyTask`: operands low..high x 2..9)."""
-    return [task.make(a, b) for a in range(task.low, task.high + 1) for b in range(2, 10)]
-
-
-def multiply_split(task, n_train: int, seed: int):
-    """All distinct problems of ``task`` shuffled with ``seed`` and split into ``n_train`` training problems and
-    the held-out rest."""
-    problems = all_problems(task)
-    if not 1 <= n_train < len(problems):
-        raise ValueError(f"bad n_train {n_train}: expected 1..{len(problems) - 1} ({len(problems)} problems)")
-    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [problems[i] for i in order[:n_train]], [problems[i] for i in order[n_train:]]
-
-
 def model_linears(model: nn.Module, target: Callable[[str, nn.Module], bool] | None = None) -> dict:
-    """``name -> weight`` of the ``nn.Linear`` modules selected by ``target`` (default: TinyGPT's block linears)."""
+    """``name -> weight`` of the ``nn.Linear`` modules selected by ``target`` (default: TinyGPT's block
+    linears)."""
     from rwlib.adapters import block_linears
 
     target = target or block_linears
@@ -295,17 +281,16 @@ def _make(base: nn.Module, method: str, *, lr: float, betas, lora_rank: int, fil
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    model = copy.deepcopy(base).train()
     if method == "Full FT":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
-    if method == "LoRA":
-        torch.manual_seed(seed)  # LoRA's A is initialised randomly
-        adapters.wrap_linears(model, lambda m: adapters.LoRALinear(m, lora_rank, alpha=2 * lora_rank),
-                              target=adapters.block_linears)
-        params = [p for a in adapters.adapters(model).values() for p in a.trainable_parameters()]
+        model, params = adapters.trainable_copy(base)
         return model, torch.optim.Adam(params, lr=lr, betas=betas)
+    model = copy.deepcopy(base).train()
+    if method == "LoRA":
+        with torch.random.fork_rng():  # LoRA's A is initialised randomly; leave the global RNG alone
+            torch.manual_seed(seed)
+            adapters.wrap_linears(model, lambda m: adapters.LoRALinear(m, lora_rank, alpha=2 * lora_rank),
+                                  target=adapters.block_linears)
+        return model, torch.optim.Adam(adapters.adapter_parameters(model), lr=lr, betas=betas)
     for p in model.parameters():  # sparse methods: embeddings, head, norms, biases frozen
         p.requires_grad_(False)
     weights = list(model_linears(model).values())
@@ -318,53 +303,22 @@ def _make(base: nn.Module, method: str, *, lr: float, betas, lora_rank: int, fil
     return model, opt
 
 
-def finetune(base: nn.Module, method: str, task, train_problems: list, *, steps: int, batch_size: int, lr: float,
+def finetune(base: nn.Module, method: str, train_problems: list, *, steps: int, batch_size: int, lr: float,
              seed: int, betas=(0.9, 0.95), lora_rank: int = 4, filter_rank: int | None = 4,
              update_interval: int | None = 50, select: str = "largest"):
-    """Fine-tune a deep copy of ``base`` with ``method`` (one of :data:`METHODS`) on batches drawn from
-    ``train_problems``; returns ``(model, optimizer, history)``. LoRA is merged back into plain weights."""
+    """Fine-tune a deep copy of ``base`` with ``method`` (one of :data:`METHODS`) on batches drawn uniformly
+    from ``train_problems`` (:func:`rwlib.rl.sft_train`: mean cross-entropy of the answer tokens, global
+    gradient-norm clipping at 1); returns ``(model, optimizer, history)``. LoRA is merged into plain weights."""
     from rwlib import adapters
     from rwlib.rl import sft_train
 
     model, opt = _make(base, method, lr=lr, betas=betas, lora_rank=lora_rank, filter_rank=filter_rank,
                        update_interval=update_interval, select=select, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-
-    def draw(n, gen):
-        return [train_problems[i] for i in torch.randint(len(train_problems), (n,), generator=gen).tolist()]
-
-    hist = sft_train(model, opt, task, steps, batch_size, g, problem_fn=draw, desc=method)
+    hist = sft_train(model, opt, None, steps, batch_size, torch.Generator().manual_seed(seed),
+                     problems=train_problems, clip=1.0, desc=method)
     if method == "LoRA":
         adapters.merge_all(model)
     return model.eval(), opt, hist
-
-
-def target_accuracy(model: nn.Module, task, problems: list) -> float:
-    """Greedy exact match on ``problems``."""
-    from rwlib.rl import evaluate_task
-
-    return evaluate_task(model, task, problems, temperature=0, max_new_tokens=4)["pass@1"]
-
-
-@torch.no_grad()
-def target_loss(model: nn.Module, problems: list) -> float:
-    """Teacher-forced cross-entropy per answer token on ``problems`` (a smooth companion of exact match)."""
-    from rwlib.data.tasks import sft_batch
-
-    was = model.training
-    model.eval()
-    x, y, mask = sft_batch(problems)
-    ce = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-    model.train(was)
-    return float((ce * mask).sum() / mask.sum())
-
-
-def source_loss(model: nn.Module, val: dict, block: int, n_windows: int) -> float:
-    """Mean next-token cross-entropy over the source domains' held-out windows."""
-    from rwlib.train import eval_lm
-
-    out = eval_lm(model, val, block, n_windows)
-    return sum(out.values()) / len(out)
 
 
 def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: list, val: dict, *,
@@ -377,16 +331,21 @@ def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: 
     ``(label, method, overrides)`` triples (e.g. ``("LIFT r=16", "LIFT", {"filter_rank": 16})``)."""
     import pandas as pd
 
+    from rwlib.pretrained import source_loss
+    from rwlib.rl import answer_loss, exact_match
+
     before = source_loss(base, val, block, n_windows)
     rows, runs = [], {}
     for s in seeds:
         for entry in methods:
             label, method, over = (entry, entry, {}) if isinstance(entry, str) else entry
-            model, opt, hist = finetune(base, method, task, train_problems, steps=steps, batch_size=batch_size,
+            model, opt, hist = finetune(base, method, train_problems, steps=steps, batch_size=batch_size,
                                         lr=lrs[method], seed=s, **{**kw, **over})
             after = source_loss(model, val, block, n_windows)
-            rows.append({"method": label, "seed": s, "target accuracy": target_accuracy(model, task, eval_problems),
-                         "target loss": target_loss(model, eval_problems), "source loss": after, "forgetting": after - before,
+            rows.append({"method": label, "seed": s,
+                         "target accuracy": exact_match(model, task, eval_problems, max_new_tokens=4),
+                         "target loss": answer_loss(model, eval_problems),
+                         "source loss": after, "forgetting": after - before,
                          "final train loss": float(torch.as_tensor(hist["loss"][-20:]).mean())})
             runs[label, s] = (model, opt)
     return pd.DataFrame(rows), before, runs

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..data.tasks import sft_batch
+from ..models import module_device
 from ..train import History, loop
 from .losses import clipped_pg_loss, group_advantages, pass_at_k, sft_loss, token_entropy
 from .rollout import Rollout, sample_completions, score, sequence_logprobs
@@ -99,19 +100,57 @@ def train_grpo(model, optimizer, task, cfg: GRPOConfig, updates: int, generator:
                 history=history, clip=cfg.grad_clip)
 
 
+def sft_objective(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, entropy_coef: float = 0.0
+                  ) -> torch.Tensor:
+    """The fine-tuning loss on one :func:`rwlib.data.tasks.sft_batch`: mean negative log-likelihood of the
+    completion tokens (minus ``entropy_coef`` times their mean entropy), differentiable."""
+    logits = model(x)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
+    entropy = token_entropy(logits) if entropy_coef else torch.zeros_like(logp)
+    return sft_loss(logp, entropy, mask, entropy_coef)
+
+
 def sft_train(model, optimizer, task, steps: int, batch_size: int, generator: torch.Generator, *,
-              problem_fn: Callable | None = None, entropy_coef: float = 0.0, history: History | None = None,
-              desc: str = "sft") -> History:
-    """Supervised fine-tuning on the task's reference completions (loss on completion tokens only)."""
+              problems: list | None = None, problem_fn: Callable | None = None, entropy_coef: float = 0.0,
+              scheduler=None, clip: float | None = 1.0, history: History | None = None, desc: str = "sft") -> History:
+    """Supervised fine-tuning on the reference completions (loss on completion tokens only), on the model's
+    device. Batches come from ``problem_fn(batch_size, generator)``, or uniformly with replacement from a fixed
+    pool ``problems`` (encoded once), or else from ``task.sample``."""
+    if problems is not None and problem_fn is not None:
+        raise ValueError("give sft_train either a fixed pool `problems` or a `problem_fn`, not both")
+    device = module_device(model)
+    if problems is not None:
+        pool = [t.to(device) for t in sft_batch(problems)]  # padding beyond an example is masked out
 
     def step_fn(t):
-        problems = problem_fn(batch_size, generator) if problem_fn else task.sample(batch_size, generator)
-        x, y, mask = sft_batch(problems)
-        logits = model(x)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
-        return {"loss": sft_loss(logp, token_entropy(logits), mask, entropy_coef)}
+        if problems is not None:
+            idx = torch.randint(len(problems), (batch_size,), generator=generator).to(device)
+            x, y, mask = (t[idx] for t in pool)
+        else:
+            batch = problem_fn(batch_size, generator) if problem_fn else task.sample(batch_size, generator)
+            x, y, mask = (t.to(device) for t in sft_batch(batch))
+        return {"loss": sft_objective(model, x, y, mask, entropy_coef)}
 
-    return loop(step_fn, steps=steps, optimizer=optimizer, desc=desc, history=history, clip=1.0)
+    return loop(step_fn, steps=steps, optimizer=optimizer, scheduler=scheduler, desc=desc, history=history,
+                clip=clip)
+
+
+@torch.no_grad()
+def answer_loss(model, problems: list) -> float:
+    """Teacher-forced cross-entropy per answer token on ``problems`` (a smooth companion of exact match),
+    computed in eval mode on the model's device."""
+    was = model.training
+    model.eval()
+    try:
+        x, y, mask = (t.to(module_device(model)) for t in sft_batch(problems))
+        return float(sft_objective(model, x, y, mask))
+    finally:
+        model.train(was)
+
+
+def exact_match(model, task, problems: list, max_new_tokens: int = 8) -> float:
+    """Greedy (temperature 0) exact-match accuracy on ``problems``."""
+    return evaluate_task(model, task, problems, temperature=0, max_new_tokens=max_new_tokens)["pass@1"]
 
 
 @torch.no_grad()

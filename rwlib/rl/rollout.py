@@ -8,6 +8,7 @@ import torch
 
 from ..data.tasks import STOP, Problem, encode_prompts
 from ..data.text import TOKENIZER
+from ..models import module_device
 from .losses import token_entropy
 
 STOP_ID = int(TOKENIZER.encode(STOP)[0])
@@ -55,7 +56,7 @@ def completion_mask(completion: torch.Tensor, stop_id: int = STOP_ID) -> torch.T
 def sample_completions(model, problems: list[Problem], group_size: int, max_new_tokens: int,
                        generator: torch.Generator, temperature: float = 1.0, top_k: int | None = None) -> Rollout:
     """Sample ``group_size`` completions for each problem (batched) and record their log-probs."""
-    prompts = encode_prompts(problems).repeat_interleave(group_size, 0)
+    prompts = encode_prompts(problems).repeat_interleave(group_size, 0).to(module_device(model))
     tokens = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     P = prompts.shape[1]
     mask = completion_mask(tokens[:, P:])

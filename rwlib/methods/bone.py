@@ -1,0 +1,331 @@
+r"""Bone: block affine adaptation of a frozen weight, with and without the "Weight Guide".
+
+Reference
+---------
+Jiale Kang. "Bone: Block Affine Transformation as Parameter Efficient Fine-tuning Methods for Large Language
+Models." arXiv:2409.15371 (v1-v3, Sep-Oct 2024; later versions of the same id are retitled "Bone: Block-Affine
+Adaptation of Large Language Models", "DiSHA" and "MiSS"). Official code: github.com/JL-er/Bone
+(``llama-demo/boneLinear.py``, class ``BoneLinear`` "Bone-col"); also in Hugging Face ``peft`` as
+``MissConfig(init_weights="bat")`` (the v1-v3 method) and ``MissConfig(init_weights=True)`` (the later,
+weight-free Bone). This module re-implements both for this book; it does not reuse the official source.
+
+Notation: a frozen linear layer ``y = W x + b`` with ``W`` of shape (out, in) (PyTorch layout), a block size
+``r``, and ``W_{a,c} = W[a r:(a+1) r, c r:(c+1) r]``, the r x r block in output row-block ``a`` and input
+column-block ``c``. Every trainable tensor starts at zero, so the adapted layer equals the base layer at step 0.
+
+Key equations (numbers are referred to in the comments of the code below)
+-------------------------------------------------------------------------
+(B1) Bat = Bone of v1-v3 (W-guided block affine). Needs ``r | out`` and ``r | in``. One trainable r x r matrix
+     ``D_a`` per output row-block, shared by every column-block (``block`` of shape (out/r, r, r)):
+         ``Delta W_{a,c} = W_{a,c} D_a + D_a = (W_{a,c} + I) D_a``,
+         ``y = (W + Delta W) x + b``.
+(B2) Bat gradient ("Weight Guide": W shapes the update): with ``G = dL/dW_eff`` (r x r blocks ``G_{a,c}``),
+         ``dL/dD_a = sum_c (W_{a,c} + I)^T G_{a,c}``.
+(B3) Bat merge ``W' = W + Delta W`` is exactly invertible when every ``I + D_a`` is:
+         ``W_{a,c} = (W'_{a,c} - D_a)(I + D_a)^{-1}``.
+(B4) Bone = the later, weight-free "shard sharing" (peft's default MiSS). Trainable ``D`` of shape (r, out).
+     Zero-pad ``x`` to a multiple of ``r`` and cut it into chunks ``x_c`` of length r:
+         ``y = W x + b + D^T sum_c x_c``,
+     i.e. ``Delta W = [D^T | D^T | ... | D^T]`` (in/r copies; a last partial copy keeps the first ``in mod r``
+     columns), so ``rank(Delta W) <= r``.
+(B5) Bone gradient: ``dL/dD[j, o] = sum_c G[o, c r + j]`` -- every entry of D is the sum of in/r weights'
+     gradients, so at equal Adam learning rate its function-space step is about in/r times a single weight's.
+
+Bat with W = 0 is Bone: (B1) reduces to ``Delta W_{a,c} = D_a``, the same block in every column shard
+(``block_bone[j, a r + i] = block_bat[a, i, j]``); the ``W_{a,c} D_a`` term is what the paper calls the Weight
+Guide, and Bone-vs-Bat is the ablation of it.
+
+Chapter drivers (chapter 19): :func:`build`, :func:`finetune`, :func:`compare_methods`, :func:`init_gradients`,
+:func:`grad_norm_sweep`, :func:`effective_weights`, :func:`update_structure`, :func:`lora_rank_for`. The
+fine-tuning loop, the answer-token loss, exact match and the source loss are the substrate's
+(:func:`rwlib.rl.sft_train`, :func:`rwlib.rl.answer_loss`, :func:`rwlib.rl.exact_match`,
+:func:`rwlib.pretrained.source_loss`); the problems are :meth:`rwlib.data.tasks.MultiplyTask.all_problems`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rwlib.adapters import (AdapterLinear, LoRALinear, adapter_parameters, adapters, block_linears, count_trainable,
+                            trainable_copy, wrap_linears)
+
+__all__ = [
+    "MODES", "BoneLinear", "apply_bone", "bat_delta", "bone_delta", "bat_block_grad", "bone_block_grad",
+    "METHODS", "lora_rank_for", "build", "finetune", "compare_methods", "init_gradients", "grad_norm_sweep",
+    "effective_weights", "update_structure",
+]
+
+MODES = ("bat", "bone")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the maths, as functions of plain tensors
+# ----------------------------------------------------------------------------------------------------------
+def bat_delta(W: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """(B1) ``Delta W`` of Bat: ``Delta W_{a,c} = W_{a,c} D_a + D_a`` for ``W`` (out, in), ``D`` (out/r, r, r)."""
+    A, r, _ = D.shape
+    out, inp = W.shape
+    rows = W.reshape(A, r * (inp // r), r)                     # row-block a as rows (i, c) of its r x r blocks
+    dW = torch.bmm(rows, D).view(A, r, inp // r, r) + D[:, :, None, :]   # (B1) W_{a,c} D_a + D_a, all c at once
+    return dW.reshape(out, inp)
+
+
+def bone_delta(D: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(B4) ``Delta W`` of Bone: ``D^T`` (out, r) tiled along the input dimension, cut to ``in_features``."""
+    r = D.shape[0]
+    return D.t().repeat(1, math.ceil(in_features / r))[:, :in_features]   # (B4) [D^T | D^T | ...]
+
+
+def bat_block_grad(W: torch.Tensor, G: torch.Tensor, r: int) -> torch.Tensor:
+    """(B2) ``dL/dD_a = sum_c (W_{a,c} + I)^T G_{a,c}`` for ``G = dL/dW_eff`` (out, in). Returns (out/r, r, r)."""
+    out, inp = W.shape
+    W4 = W.reshape(out // r, r, inp // r, r)                               # [a, i, c, j]
+    G4 = G.reshape(out // r, r, inp // r, r)                               # [a, i, c, k]
+    return torch.einsum("aicj,aick->ajk", W4, G4) + G4.sum(2)              # (B2) sum_c W^T G + sum_c G
+
+
+def bone_block_grad(G: torch.Tensor, r: int) -> torch.Tensor:
+    """(B5) ``dL/dD[j, o] = sum_c G[o, c r + j]`` (the padded columns contribute nothing). Returns (r, out)."""
+    out, inp = G.shape
+    Gp = nn.functional.pad(G, (0, (-inp) % r))                             # zero-pad the input dimension
+    return Gp.reshape(out, -1, r).sum(1).t()                               # (B5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the adapter
+# ----------------------------------------------------------------------------------------------------------
+class BoneLinear(AdapterLinear):
+    """A frozen ``nn.Linear`` plus a Bone (``mode="bone"``, B4) or Bat (``mode="bat"``, B1) adapter.
+
+    The trainable ``block`` has peft's layout: (out/r, r, r) for "bat" (``miss_block`` with
+    ``init_weights="bat"``), (r, out) for "bone" (``init_weights=True``), zeros at init. ``merge()`` adds
+    ``Delta W`` to the frozen weight; ``unmerge()`` is exact for both modes (B3 for Bat)."""
+
+    def __init__(self, base: nn.Linear, r: int, mode: str = "bat"):
+        super().__init__(base)
+        if mode not in MODES:
+            raise ValueError(f"unknown Bone mode {mode!r}; valid: {', '.join(MODES)}")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"bad block size r={r!r}: expected an integer >= 1")
+        out, inp = base.out_features, base.in_features
+        if mode == "bat" and (out % r or inp % r):
+            raise ValueError(f"bad block size r={r} for mode 'bat': it must divide out_features={out} and "
+                             f"in_features={inp}")
+        if mode == "bone" and r > inp:
+            raise ValueError(f"bad block size r={r} for mode 'bone': must be <= in_features={inp}")
+        self.r, self.mode = r, mode
+        w = base.weight
+        shape = (out // r, r, r) if mode == "bat" else (r, out)
+        self.block = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, mode={self.mode!r}"
+
+    def _frozen_weight(self) -> torch.Tensor:
+        """The original ``W`` (recovered by B3 while a Bat adapter is merged)."""
+        W = self.base.weight
+        if self.merged and self.mode == "bat":
+            return self._bat_inverse(W)
+        return W
+
+    def _bat_inverse(self, Wm: torch.Tensor) -> torch.Tensor:
+        """(B3) ``W_{a,c} = (W'_{a,c} - D_a)(I + D_a)^{-1}``, solved blockwise in float64."""
+        D = self.block.detach().to(torch.float64)
+        A, r, _ = D.shape
+        out, inp = Wm.shape
+        Wm4 = Wm.detach().to(torch.float64).reshape(A, r, inp // r, r).permute(0, 2, 1, 3)   # [a, c, i, j]
+        eye = torch.eye(r, dtype=torch.float64, device=D.device)
+        W4 = torch.linalg.solve((eye + D)[:, None], Wm4 - D[:, None], left=False)          # (B3) X (I+D_a) = W'-D_a
+        return W4.permute(0, 2, 1, 3).reshape(out, inp).to(Wm.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.mode == "bat":
+            return bat_delta(self._frozen_weight().detach(), self.block)    # (B1); no gradient into W
+        return bone_delta(self.block, self.in_features)                     # (B4)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "bat":
+            return nn.functional.linear(x, self.delta_weight())              # (B1) dense Delta W x
+        r = self.r
+        xp = nn.functional.pad(x, (0, (-x.shape[-1]) % r))                  # (B4) zero-pad to a multiple of r
+        return xp.reshape(*x.shape[:-1], -1, r).sum(-2) @ self.block         # (B4) (sum_c x_c)^T D
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        if self.mode == "bat":
+            eye = torch.eye(self.r, dtype=torch.float64, device=self.block.device)
+            if torch.linalg.matrix_rank(eye + self.block.double()).min() < self.r:
+                raise RuntimeError("cannot unmerge Bat: some I + D_a is singular")
+            self.base.weight.copy_(self._bat_inverse(self.base.weight))      # (B3), exact
+        else:
+            self.base.weight -= self.delta_weight()
+        self.merged = False
+
+
+def apply_bone(model: nn.Module, r: int, mode: str = "bat",
+               target: Callable[[str, nn.Linear], bool] | None = block_linears) -> dict[str, BoneLinear]:
+    """Freeze ``model`` and wrap every ``nn.Linear`` selected by ``target`` with ``BoneLinear(r, mode)``.
+    Returns the adapters by name (their ``block`` parameters are the only trainable ones)."""
+    return wrap_linears(model, lambda m: BoneLinear(m, r, mode), target)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chapter drivers
+# ----------------------------------------------------------------------------------------------------------
+METHODS = ("Bat (Bone v1)", "Bone (v4)", "LoRA", "PiSSA", "Full FT")
+
+
+def lora_rank_for(model: nn.Module, r: int, target=block_linears) -> float:
+    """The LoRA rank whose parameter count equals Bone's/Bat's at block size ``r`` over the targeted linears:
+    ``sum(out) r / sum(in + out)`` (may be fractional: round it yourself)."""
+    lin = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and target(n, m)]
+    return r * sum(m.out_features for m in lin) / sum(m.in_features + m.out_features for m in lin)
+
+
+def build(base: nn.Module, method: str, *, r: int, lora_rank: int, seed: int):
+    """A deep copy of ``base`` prepared for ``method`` (one of :data:`METHODS`); returns ``(model, params)``.
+    Adapters wrap TinyGPT's block linears; LoRA and PiSSA use ``alpha = 2 * rank``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method == "Full FT":
+        return trainable_copy(base)
+    model = copy.deepcopy(base).train()
+    if method in ("Bat (Bone v1)", "Bone (v4)"):
+        apply_bone(model, r, "bat" if method.startswith("Bat") else "bone")
+    else:
+        torch.manual_seed(seed)  # LoRA's A is random
+        init = "lora" if method == "LoRA" else "pissa"
+        wrap_linears(model, lambda m: LoRALinear(m, lora_rank, alpha=2 * lora_rank, init=init), block_linears)
+    return model, adapter_parameters(model)
+
+
+def finetune(base: nn.Module, method: str, train_problems: list, *, steps: int, batch_size: int, lr: float,
+             seed: int, r: int, lora_rank: int):
+    """Fine-tune a deep copy of ``base`` with ``method``: AdamW (weight decay 0), cosine decay to 0 without
+    warm-up, gradient clipping at 1 (the paper's recipe); batches drawn from ``train_problems`` with ``seed``.
+    Returns ``(model, history)``; the adapters stay unmerged (merge with :func:`rwlib.adapters.merge_all`)."""
+    from rwlib.rl import sft_train
+    from rwlib.train import cosine_lr
+
+    model, params = build(base, method, r=r, lora_rank=lora_rank, seed=seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    hist = sft_train(model, opt, None, steps, batch_size, torch.Generator().manual_seed(seed),
+                     problems=train_problems, scheduler=cosine_lr(opt, steps, 0.5), clip=1.0, desc=method)
+    return model.eval(), hist
+
+
+def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: list, val: dict, *, runs,
+                    seeds=(0,), steps: int, batch_size: int, r: int, lora_rank: int, block: int,
+                    n_windows: int = 32, early=(40, 60), last: int = 50):
+    """Fine-tune every run at every seed; ``runs`` lists ``(label, method, lr)`` triples (``method`` one of
+    :data:`METHODS`). Returns a tidy frame of results (label, method, lr, seed, trainable, exact match, target
+    loss, source loss, forgetting = source loss after - before, the mean training loss over the steps
+    ``early[0]+1 .. early[1]`` and over the ``last`` steps), a tidy frame of the loss curves (label, seed, step,
+    loss), the source loss before, and the fine-tuned models keyed by ``(label, seed)``."""
+    import pandas as pd
+
+    from rwlib.pretrained import source_loss
+    from rwlib.rl import answer_loss, exact_match
+
+    before = source_loss(base, val, block, n_windows)
+    rows, curves, models = [], [], {}
+    for s in seeds:
+        for label, method, lr in runs:
+            model, hist = finetune(base, method, train_problems, steps=steps, batch_size=batch_size, lr=lr,
+                                   seed=s, r=r, lora_rank=lora_rank)
+            loss = torch.as_tensor(hist["loss"], dtype=torch.float64)
+            after = source_loss(model, val, block, n_windows)
+            rows.append({"label": label, "method": method, "lr": lr, "seed": s, "trainable": count_trainable(model),
+                         "exact match": exact_match(model, task, eval_problems, max_new_tokens=4),
+                         "target loss": answer_loss(model, eval_problems), "source loss": after,
+                         "forgetting": after - before, "early train loss": float(loss[early[0]:early[1]].mean()),
+                         "last train loss": float(loss[-last:].mean())})
+            curves.append(pd.DataFrame({"label": label, "seed": s, "step": range(1, len(loss) + 1),
+                                        "loss": loss.numpy()}))
+            models[label, s] = model
+    return pd.DataFrame(rows), pd.concat(curves, ignore_index=True), before, models
+
+
+def init_gradients(base: nn.Module, method: str, problems: list, *, r: int, lora_rank: int, seed: int) -> dict:
+    """One forward/backward at initialisation on ``problems``. Returns the largest |logit change| against
+    ``base`` and the gradient norm over the trainable parameters (for Full FT: over the block linears' weights,
+    the matrices the adapters wrap); for LoRA/PiSSA also the norms of dL/dA and dL/dB."""
+    from rwlib.data.tasks import sft_batch
+    from rwlib.models import module_device
+    from rwlib.rl import sft_objective
+
+    model, params = build(base, method, r=r, lora_rank=lora_rank, seed=seed)
+    x, y, mask = (t.to(module_device(base)) for t in sft_batch(problems))
+    with torch.no_grad():
+        change = float((model(x) - base(x)).abs().max())
+    sft_objective(model, x, y, mask).backward()
+    if method == "Full FT":
+        params = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and block_linears(n, m)]
+    out = {"method": method, "r": r, "lora rank": lora_rank, "output change": change,
+           "grad norm": float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))}
+    if method in ("LoRA", "PiSSA"):
+        ads = adapters(model).values()
+        out["grad A"] = float(torch.sqrt(sum(a.A.grad.pow(2).sum() for a in ads)))
+        out["grad B"] = float(torch.sqrt(sum(a.B.grad.pow(2).sum() for a in ads)))
+    return out
+
+
+def grad_norm_sweep(base: nn.Module, problems: list, ranks, *, seed: int, methods=METHODS):
+    """:func:`init_gradients` for every method and block size ``r`` in ``ranks``; LoRA/PiSSA get the rank that
+    matches Bone's parameter count (rounded, at least 1). Full FT does not depend on r and is computed once.
+    Returns a tidy frame."""
+    import pandas as pd
+
+    rows, full = [], None
+    for r in ranks:
+        lora_rank = max(1, round(lora_rank_for(base, r)))
+        for method in methods:
+            if method == "Full FT":
+                full = full or init_gradients(base, method, problems, r=r, lora_rank=lora_rank, seed=seed)
+                rows.append({**full, "r": r, "lora rank": lora_rank})
+            else:
+                rows.append(init_gradients(base, method, problems, r=r, lora_rank=lora_rank, seed=seed))
+    return pd.DataFrame(rows)
+
+
+def effective_weights(model: nn.Module, target=block_linears) -> dict[str, torch.Tensor]:
+    """``name -> W_eff`` of the targeted linears: the frozen weight plus the adapter's ``Delta W`` (for PiSSA
+    the residual plus ``B A``), or the plain weight where no adapter sits."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, AdapterLinear):
+            out[name] = (m.base.weight + (0 if m.merged else m.delta_weight())).detach()
+        elif isinstance(m, nn.Linear) and target(name, m) and not name.endswith(".base"):
+            out[name] = m.weight.detach()
+    return out
+
+
+@torch.no_grad()
+def update_structure(model: nn.Module, base: nn.Module, r: int, rel_tol: float = 1e-3):
+    """Structure of the learned update ``U = W_eff(model) - W(base)`` of every targeted layer: its numerical
+    rank (singular values above ``rel_tol`` times the largest), its stable rank ``||U||_F^2 / ||U||_2^2``, the
+    fraction of its energy shared by all column shards of width ``r`` (exactly 1 for Bone, B4), and the
+    correlation over entries of ``|U|`` with ``|W|``. Returns a tidy frame, one row per layer."""
+    import pandas as pd
+
+    rows = []
+    before = effective_weights(base)
+    for name, Weff in effective_weights(model).items():
+        W = before[name].double()
+        U = Weff.double() - W
+        S = torch.linalg.svdvals(U)
+        out, inp = U.shape
+        shards = U[:, :inp // r * r].reshape(out, inp // r, r)                 # [o, c, j]
+        shared = float(shards.mean(1, keepdim=True).expand_as(shards).pow(2).sum() / shards.pow(2).sum())
+        corr = float(torch.corrcoef(torch.stack([U.abs().flatten(), W.abs().flatten()]))[0, 1])
+        rows.append({"layer": name, "shape": f"{out}x{inp}", "rank": int((S > rel_tol * S[0]).sum()),
+                     "stable rank": float(S.pow(2).sum() / S[0] ** 2), "shared fraction": shared,
+                     "corr |U|,|W|": corr, "norm": float(U.norm())})
+    return pd.DataFrame(rows)
