@@ -4,23 +4,35 @@ Reference
 ---------
 Kailai Yang, Xiao Liu, Lei Ji, Hao Li, Xiao Liang, Zhiwei Liu, Yeyun Gong, Peng Cheng, Mao Yang.
 "Data Mixing Agent: Learning to Re-weight Domains for Continual Pre-training." arXiv:2507.15640 (2025).
-No official code was found; this module follows the paper's framework as summarised in the chapter brief,
-and the choices marked (ours) are this book's miniature, not the paper's.
+No official code was found (searched by name and title). This module follows the paper's framework: random
+mixing trajectories on a small proxy model, an agent trained on them offline with conservative Q-learning,
+and deployment of that agent on a larger model. The abstract says "reinforcement learning on large quantities of
+data mixing trajectories"; that the learner is CQL, and the sizes quoted in the chapter, come from third-party
+summaries we could not check against the full text. Everything marked (ours) is this book's miniature, not the
+paper: the discrete action grid, the state features, the balanced score and the reward scaling in ``fit_cql``.
 
-The framework
--------------
-(E1) Continual pre-training runs in T stages; before stage t the agent picks a mixture a_t over source- and
-     target-field domains, the model trains S steps on it, then is evaluated.
-(E2) Trajectories: on a small *proxy* model, J random mixing trajectories are recorded as transitions
-     (s_t, a_t, r_t, s_{t+1}).
-(E3) State (ours, scale-free so it transfers from proxy to target model): one-hot of the previous action,
-     t / T, L_src,t / L_src,0, L_tgt,t / L_tgt,0.
-(E4) Balanced score (ours): b_t = -(L_src,t / L_src,0 + L_tgt,t / L_tgt,0) / 2; reward r_t = b_{t+1} - b_t, so
-     rewards telescope to the final improvement of the balanced score.
-(E5) Agent: a Q-network over a discrete grid of mixtures (ours: the paper outputs a continuous distribution over
-     52 domains), trained offline with conservative Q-learning, CQL(H):
-     L(theta) = alpha E_s[logsumexp_a Q(s, a) - Q(s, a_data)] + 1/2 E[(Q(s, a) - (r + gamma max_a' Q_bar(s', a')))^2].
-(E6) Deployment: on a larger, unseen target model the agent picks a_t = argmax_a Q(s_t, a) at every stage.
+Equations (numbers referred to in the code)
+-------------------------------------------
+(E1) Continual pre-training in T stages: before stage t a policy picks a mixture a_t over the source-field
+     domains (code, prose, grammar) and the target-field domains (addition, multiply); the model takes S
+     optimizer steps on batches drawn from that mixture, then is evaluated on held-out text of both fields.
+(E2) Balanced score (ours): b_t = 1/2 [(1 - L_src,t / L_src,0) + (1 - L_tgt,t / L_tgt,0)], the mean relative
+     improvement of the two fields' held-out losses (b_0 = 0; higher is better; forgetting makes the first
+     term negative).
+(E3) Reward r_t = b_{t+1} - b_t, so the rewards of a run telescope: sum_t r_t = b_T - b_0 = b_T.
+(E4) State (ours, scale-free so a policy learned on the proxy can read the target model): progress t / T, each
+     domain's held-out loss ratio L_d,t / L_d,0, and the last reward. (The paper's state also holds the current
+     mixture; with a few hundred transitions that made our agent unstable, so we leave it out.)
+(E5) Trajectories: J runs of uniformly random actions, each from a fresh copy of the same source-pre-trained
+     proxy, recorded as transitions (s_t, a_t, r_t, s_{t+1}, done_t).
+(E6) Agent: a Q-network over the action grid (ours: the paper outputs a continuous distribution over 52
+     domains), trained offline with discrete CQL(H):
+     L(theta) = alpha E_s[log sum_a exp Q(s, a) - Q(s, a_data)]
+                + 1/2 E[(Q(s, a_data) - (r + gamma (1 - done) max_a' Q_bar(s', a')))^2],
+     Q_bar a target network copied from Q every ``target_every`` steps. The gradient of the first term with
+     respect to Q(s, .) is softmax(Q(s, .)) - onehot(a_data): it lowers every action in proportion to its
+     softmax weight and raises the action in the data, so actions the data never tried are pushed down.
+(E7) Deployment: on a larger, unseen model the agent picks a_t = argmax_a Q(s_t, a) at every stage.
 """
 
 from __future__ import annotations
@@ -34,78 +46,167 @@ import torch
 from torch import nn
 
 from rwlib import train
-from rwlib.data.text import DomainSampler
+from rwlib.data import text
+from rwlib.models import TinyGPT
 
-__all__ = ["SOURCE", "TARGET", "DOMAINS", "ACTIONS", "ACTION_NAMES", "balanced_score", "make_state", "QNet",
-           "cql_loss", "fit_cql", "run_cpt", "collect_trajectories", "Transitions", "value_iteration"]
+__all__ = ["SOURCE", "TARGET", "DOMAINS", "ACTIONS", "ACTION_NAMES", "action_index", "balanced_score",
+           "make_state", "STATE_DIM", "domain_losses", "field_losses", "run_cpt", "Transitions",
+           "collect_trajectories", "QNet", "cql_loss", "fit_cql", "DataMixingAgent", "constant", "decaying_replay",
+           "random_policy", "BASELINES", "baseline", "on_device", "pretrain_source", "deploy", "value_iteration"]
 
 SOURCE = ("code", "prose", "grammar")
 TARGET = ("addition", "multiply")
 DOMAINS = SOURCE + TARGET
-# (ours) a discrete grid of mixtures over (code, prose, grammar | addition, multiply)
-ACTIONS = torch.tensor([
-    [0.00, 0.00, 0.00, 0.50, 0.50],   # target only
-    [0.10 / 3, 0.10 / 3, 0.10 / 3, 0.45, 0.45],  # 10 % replay
-    [0.25 / 3, 0.25 / 3, 0.25 / 3, 0.375, 0.375],  # 25 % replay
-    [0.50 / 3, 0.50 / 3, 0.50 / 3, 0.25, 0.25],  # 50 % replay
-    [0.25, 0.00, 0.00, 0.375, 0.375],  # replay code only
-    [0.00, 0.25, 0.00, 0.375, 0.375],  # replay prose only
-    [0.00, 0.00, 0.25, 0.375, 0.375],  # replay grammar only
-    [0.80 / 3, 0.80 / 3, 0.80 / 3, 0.10, 0.10],  # source heavy
-    [0.20, 0.20, 0.20, 0.20, 0.20],  # uniform over the five domains
-])
-ACTION_NAMES = ["target only", "10% replay", "25% replay", "50% replay", "code replay", "prose replay",
-                "grammar replay", "source heavy", "uniform"]
 
 
+def _mix(replay: float, source=(1 / 3, 1 / 3, 1 / 3)) -> list[float]:
+    """A mixture with ``replay`` of the batch from the source field (split by ``source``), the rest split evenly
+    between the two target domains."""
+    return [replay * s for s in source] + [(1 - replay) / 2] * 2
+
+
+# (ours) the discrete grid of mixtures over (code, prose, grammar | addition, multiply)
+_GRID = {
+    "target only": _mix(0.0),
+    "10% replay": _mix(0.10),
+    "25% replay": _mix(0.25),
+    "50% replay": _mix(0.50),
+    "uniform": [0.2] * 5,
+    "code replay": _mix(0.25, (1, 0, 0)),
+    "prose replay": _mix(0.25, (0, 1, 0)),
+    "grammar replay": _mix(0.25, (0, 0, 1)),
+}
+ACTION_NAMES = tuple(_GRID)
+ACTIONS = torch.tensor(list(_GRID.values()), dtype=torch.float32)
+
+
+def action_index(name: str) -> int:
+    """The index of a named mixture of :data:`ACTIONS`."""
+    if name not in ACTION_NAMES:
+        raise ValueError(f"unknown mixture {name!r}; valid: {', '.join(ACTION_NAMES)}")
+    return ACTION_NAMES.index(name)
+
+
+def _check_action(a, n_actions: int = len(ACTIONS)) -> int:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not 0 <= int(a) < n_actions:
+        raise ValueError(f"bad action {a!r}: a policy must return an index in 0..{n_actions - 1} of the grid "
+                         f"({', '.join(f'{i}={n}' for i, n in enumerate(ACTION_NAMES))})")
+    return int(a)
+
+
+# ------------------------------------------------------------------------------------------- score and state
 def balanced_score(l_src: float, l_tgt: float, l_src0: float, l_tgt0: float) -> float:
-    """(E4) b = -(L_src / L_src,0 + L_tgt / L_tgt,0) / 2 (higher is better; 0 change = -1)."""
-    return -0.5 * (l_src / l_src0 + l_tgt / l_tgt0)
+    """(E2) the mean relative improvement of the source and target held-out losses (0 at the start)."""
+    return 0.5 * ((1 - l_src / l_src0) + (1 - l_tgt / l_tgt0))  # (E2)
 
 
-def make_state(prev_action: int | None, t: int, T: int, l_src: float, l_tgt: float, l_src0: float, l_tgt0: float,
-               n_actions: int = len(ACTIONS)) -> torch.Tensor:
-    """(E3) the scale-free state vector."""
-    onehot = torch.zeros(n_actions)
-    if prev_action is not None:
-        onehot[prev_action] = 1.0
-    return torch.cat([onehot, torch.tensor([t / T, l_src / l_src0, l_tgt / l_tgt0])])
+def make_state(t: int, T: int, losses, losses0, last_reward: float = 0.0) -> torch.Tensor:
+    """(E4) the scale-free state: progress t/T, each domain's held-out loss relative to its value before continual
+    pre-training, and the last reward."""
+    ratios = torch.as_tensor(losses, dtype=torch.float32) / torch.as_tensor(losses0, dtype=torch.float32)
+    if ratios.shape != (len(DOMAINS),):
+        raise ValueError(f"need one loss per domain ({', '.join(DOMAINS)}), got shape {tuple(ratios.shape)}")
+    return torch.cat([torch.tensor([t / T]), ratios, torch.tensor([last_reward])])  # (E4)
 
 
-def _field_losses(model, corpus, block: int, n_windows: int) -> tuple[float, float]:
-    ev = train.eval_lm(model, corpus.val, block, n_windows)
-    src = float(np.mean([ev[f"val_{d}"] for d in SOURCE]))
-    tgt = float(np.mean([ev[f"val_{d}"] for d in TARGET]))
-    return src, tgt
+STATE_DIM = len(DOMAINS) + 2
 
 
-def run_cpt(model, corpus, policy: Callable, *, T: int, S: int, batch: int, block: int, lr: float,
-            generator: torch.Generator, n_windows: int = 8) -> dict:
-    """(E1) continual pre-training of ``model`` in place for T stages of S AdamW steps (a fresh optimizer per
-    run). ``policy(state, t) -> action index`` chooses each stage's mixture. Returns the per-stage record:
-    actions, losses, states, rewards, and the final balanced score."""
-    sampler = DomainSampler({d: corpus.train[d] for d in DOMAINS}, generator=generator)
+def domain_losses(metrics: dict) -> list[float]:
+    """The held-out loss of each domain of :data:`DOMAINS`, from ``val_<domain>`` metrics."""
+    return [float(metrics[f"val_{d}"]) for d in DOMAINS]
+
+
+def field_losses(losses) -> tuple[float, float]:
+    """Source- and target-field held-out loss: the mean over each field's domains."""
+    losses = list(losses)
+    return float(np.mean(losses[:len(SOURCE)])), float(np.mean(losses[len(SOURCE):]))
+
+
+# ------------------------------------------------------------------------------------------- one CPT run
+def run_cpt(model: nn.Module, corpus, policy: Callable, *, T: int, S: int, batch: int = 32, block: int = 32,
+            lr: float = 3e-3, generator: torch.Generator, n_eval_windows: int = 8) -> dict:
+    """(E1) continual pre-training of ``model`` in place: T stages of S AdamW steps (one fresh optimizer per run),
+    each on the mixture ``policy(state, t)`` (an index into :data:`ACTIONS`) picked from the scale-free state.
+
+    Uses :func:`rwlib.train.fit_lm` once per stage with ``sampler.set_weights`` before it and ``step_offset=t*S``,
+    so one ``History`` holds the whole run (``val_<domain>`` at step 0 and at the end of every stage). Returns a
+    dict: ``actions`` (T), ``losses`` per-domain held-out losses (T+1 lists), ``src``/``tgt`` field losses (T+1),
+    ``scores`` b_t (T+1), ``rewards`` (T), ``states`` (T+1 tensors), ``score`` = b_T, ``history``.
+    """
+    if T <= 0 or S <= 0:
+        raise ValueError(f"bad T={T}, S={S}: need at least one stage of at least one step")
+    missing = [d for d in DOMAINS if d not in corpus.train or d not in corpus.val]
+    if missing:
+        raise ValueError(f"corpus lacks domain(s) {missing}; needs all of {', '.join(DOMAINS)}")
+    val = {d: corpus.val[d] for d in DOMAINS}
+    sampler = text.DomainSampler({d: corpus.train[d] for d in DOMAINS}, generator=generator)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    l_src0, l_tgt0 = _field_losses(model, corpus, block, n_windows)
-    state = make_state(None, 0, T, l_src0, l_tgt0, l_src0, l_tgt0)
-    rec = {"actions": [], "src": [l_src0], "tgt": [l_tgt0], "states": [state], "rewards": []}
-    b = balanced_score(l_src0, l_tgt0, l_src0, l_tgt0)
+    hist = train.History()
+    ev = train.eval_lm(model, val, block, n_eval_windows)
+    hist.log(0, **ev)
+    losses0 = domain_losses(ev)
+    l_src0, l_tgt0 = field_losses(losses0)
+    state = make_state(0, T, losses0, losses0)
+    rec = {"actions": [], "losses": [losses0], "src": [l_src0], "tgt": [l_tgt0], "scores": [0.0], "rewards": [],
+           "states": [state]}
     for t in range(T):
-        a = int(policy(state, t))
-        sampler.set_weights(ACTIONS[a].tolist())
-        train.fit_lm(model, sampler, steps=S, batch_size=batch, block=block, optimizer=opt, desc=f"stage {t}")
-        l_src, l_tgt = _field_losses(model, corpus, block, n_windows)
-        b_next = balanced_score(l_src, l_tgt, l_src0, l_tgt0)
-        state = make_state(a, t + 1, T, l_src, l_tgt, l_src0, l_tgt0)
-        rec["actions"].append(a); rec["src"].append(l_src); rec["tgt"].append(l_tgt)
-        rec["states"].append(state); rec["rewards"].append(b_next - b)  # (E4) reward telescopes
-        b = b_next
-    rec["score"] = b
+        a = _check_action(policy(state, t))
+        sampler.set_weights(ACTIONS[a].tolist())                               # (E1) this stage's mixture
+        train.fit_lm(model, sampler, steps=S, batch_size=batch, block=block, optimizer=opt, val=val,
+                     n_eval_windows=n_eval_windows, history=hist, step_offset=t * S, desc=f"stage {t + 1}/{T}")
+        losses = domain_losses(hist.rows[-1])                                   # held-out, never training batches
+        l_src, l_tgt = field_losses(losses)
+        b = balanced_score(l_src, l_tgt, l_src0, l_tgt0)                        # (E2)
+        r = b - rec["scores"][-1]                                               # (E3)
+        state = make_state(t + 1, T, losses, losses0, r)                        # (E4)
+        for k, v in (("actions", a), ("losses", losses), ("src", l_src), ("tgt", l_tgt), ("scores", b),
+                     ("rewards", r), ("states", state)):
+            rec[k].append(v)
+    rec["score"] = rec["scores"][-1]
+    rec["history"] = hist
     return rec
 
 
+# ------------------------------------------------------------------------------------------- policies
+def constant(a: int | str) -> Callable:
+    """The policy that always picks mixture ``a`` (an index or a name of :data:`ACTION_NAMES`)."""
+    a = action_index(a) if isinstance(a, str) else _check_action(a)
+    return lambda state, t: a
+
+
+def decaying_replay(T: int) -> Callable:
+    """A hand heuristic: source replay decays linearly from 50 % to 10 % over the T stages (nearest grid point
+    among the 50 %, 25 %, 10 % replay mixtures)."""
+    levels = {0.5: action_index("50% replay"), 0.25: action_index("25% replay"), 0.1: action_index("10% replay")}
+
+    def policy(state, t):
+        want = 0.5 + (0.1 - 0.5) * (t / max(T - 1, 1))
+        return levels[min(levels, key=lambda x: abs(x - want))]
+    return policy
+
+
+def random_policy(generator: torch.Generator, n_actions: int = len(ACTIONS)) -> Callable:
+    """(E5) the behaviour policy of the trajectories: a uniformly random mixture at every stage."""
+    return lambda state, t: int(torch.randint(n_actions, (1,), generator=generator))
+
+
+BASELINES = ("target only", "uniform", "50% replay", "decaying replay")
+
+
+def baseline(name: str, T: int) -> Callable:
+    """A baseline policy by name: one of :data:`BASELINES` or any constant mixture of :data:`ACTION_NAMES`."""
+    if name == "decaying replay":
+        return decaying_replay(T)
+    if name in ACTION_NAMES:
+        return constant(name)
+    raise ValueError(f"unknown baseline {name!r}; valid: decaying replay, {', '.join(ACTION_NAMES)}")
+
+
+# ------------------------------------------------------------------------------------------- trajectories
 @dataclass
 class Transitions:
+    """An offline RL dataset: observations, actions, rewards, next observations, terminal flags."""
     obs: torch.Tensor
     act: torch.Tensor
     rew: torch.Tensor
@@ -115,15 +216,20 @@ class Transitions:
     def __len__(self) -> int:
         return len(self.act)
 
+    def __getitem__(self, idx) -> "Transitions":
+        return Transitions(self.obs[idx], self.act[idx], self.rew[idx], self.next_obs[idx], self.done[idx])
 
-def collect_trajectories(proxy, corpus, *, J: int, T: int, S: int, batch: int, block: int, lr: float,
-                         generator: torch.Generator, n_windows: int = 8) -> tuple[Transitions, list[dict]]:
-    """(E2) J trajectories of uniformly random actions, each from a fresh copy of the same proxy checkpoint."""
+
+def collect_trajectories(proxy: nn.Module, corpus, *, J: int, T: int, S: int, generator: torch.Generator,
+                         **cpt) -> tuple[Transitions, list[dict]]:
+    """(E5) J random-mixture trajectories, each from a fresh deep copy of the same source-pre-trained proxy and
+    a fresh optimizer; returns the transitions and the per-run records of :func:`run_cpt`."""
+    if J <= 0:
+        raise ValueError(f"bad J={J}: need at least one trajectory")
     obs, act, rew, nxt, done, records = [], [], [], [], [], []
+    behaviour = random_policy(generator)
     for _ in range(J):
-        model = copy.deepcopy(proxy)
-        rec = run_cpt(model, corpus, lambda s, t: int(torch.randint(len(ACTIONS), (1,), generator=generator)),
-                      T=T, S=S, batch=batch, block=block, lr=lr, generator=generator, n_windows=n_windows)
+        rec = run_cpt(copy.deepcopy(proxy), corpus, behaviour, T=T, S=S, generator=generator, **cpt)
         for t in range(T):
             obs.append(rec["states"][t]); act.append(rec["actions"][t]); rew.append(rec["rewards"][t])
             nxt.append(rec["states"][t + 1]); done.append(float(t == T - 1))
@@ -133,50 +239,123 @@ def collect_trajectories(proxy, corpus, *, J: int, T: int, S: int, batch: int, b
     return data, records
 
 
+# ------------------------------------------------------------------------------------------- offline RL: CQL
 class QNet(nn.Module):
+    """An MLP Q-network (two hidden ReLU layers): state -> one value per mixture of the grid."""
+
     def __init__(self, obs_dim: int, n_actions: int, hidden: int = 64):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, n_actions))
 
-    def forward(self, obs):
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs)
 
 
 def cql_loss(q: nn.Module, q_target: nn.Module, batch: Transitions, alpha: float, gamma: float):
-    """(E5) discrete CQL(H): alpha * (logsumexp_a Q - Q(s, a_data)) + 1/2 TD error^2 against a target network."""
-    qs = q(batch.obs)
+    """(E6) discrete CQL(H): alpha * mean(logsumexp_a Q(s, a) - Q(s, a_data)) + 1/2 mean TD error^2, the TD target
+    from the frozen target network. Returns ``(loss, {"td": ..., "cql": ...})``."""
+    qs = q(batch.obs)                                                                           # (N, A)
     q_data = qs.gather(1, batch.act[:, None]).squeeze(1)
     with torch.no_grad():
-        target = batch.rew + gamma * (1 - batch.done) * q_target(batch.next_obs).max(1).values
-    td = 0.5 * ((q_data - target) ** 2).mean()
-    conservative = (torch.logsumexp(qs, 1) - q_data).mean()  # (E5)
+        target = batch.rew + gamma * (1 - batch.done) * q_target(batch.next_obs).max(1).values  # (E6) TD target
+    td = 0.5 * ((q_data - target) ** 2).mean()                                                  # (E6) 1/2 TD^2
+    conservative = (torch.logsumexp(qs, 1) - q_data).mean()                                     # (E6) CQL(H) term
     return alpha * conservative + td, {"td": td.item(), "cql": conservative.item()}
 
 
 def fit_cql(data: Transitions, n_actions: int, *, alpha: float = 1.0, gamma: float = 0.9, steps: int = 2000,
             batch: int = 64, lr: float = 1e-3, target_every: int = 100, hidden: int = 64, seed: int = 0,
-            q: nn.Module | None = None) -> nn.Module:
-    """Train a Q-network offline on ``data`` with :func:`cql_loss` (Adam, hard target updates)."""
+            reward_scale: float = 1.0, q: nn.Module | None = None) -> tuple[nn.Module, train.History]:
+    """Train a Q-network offline on ``data`` with :func:`cql_loss` (Adam, hard target-network copies every
+    ``target_every`` steps). Rewards are multiplied by ``reward_scale`` first: CQL's ``alpha`` acts against the
+    scale of the rewards. ``q`` replaces the default :class:`QNet` (the tests pass a Q-table). Returns the network
+    (in eval mode) and the loss history (``td``, ``cql`` per step)."""
     if alpha < 0:
         raise ValueError(f"bad alpha={alpha}: the CQL weight must be >= 0")
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"bad gamma={gamma}: expected 0 <= gamma <= 1")
+    if len(data) == 0 or int(data.act.max()) >= n_actions or int(data.act.min()) < 0:
+        raise ValueError(f"bad dataset: {len(data)} transitions, actions must lie in 0..{n_actions - 1}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     q = q if q is not None else QNet(data.obs.shape[1], n_actions, hidden)
+    data = Transitions(data.obs, data.act, data.rew * reward_scale, data.next_obs, data.done)
     q_target = copy.deepcopy(q)
     opt = torch.optim.Adam(q.parameters(), lr=lr)
-    for step in range(steps):
-        idx = torch.randint(len(data), (min(batch, len(data)),), generator=g)
-        b = Transitions(data.obs[idx], data.act[idx], data.rew[idx], data.next_obs[idx], data.done[idx])
-        loss, _ = cql_loss(q, q_target, b, alpha, gamma)
-        opt.zero_grad(); loss.backward(); opt.step()
-        if (step + 1) % target_every == 0:
+    bs = min(batch, len(data))
+
+    def step_fn(t):
+        if t > 0 and t % target_every == 0:
             q_target.load_state_dict(q.state_dict())
-    return q.eval()
+        idx = torch.randperm(len(data), generator=g)[:bs] if bs == len(data) else \
+            torch.randint(len(data), (bs,), generator=g)
+        loss, info = cql_loss(q, q_target, data[idx], alpha, gamma)
+        return {"loss": loss, **info}
+
+    hist = train.loop(step_fn, steps=steps, optimizer=opt, desc="CQL")
+    return q.eval(), hist
+
+
+class DataMixingAgent:
+    """(E7) the deployed agent: the greedy policy of a trained Q-network, usable wherever a policy is."""
+
+    def __init__(self, q: nn.Module):
+        self.q = q
+
+    @torch.no_grad()
+    def values(self, state: torch.Tensor) -> torch.Tensor:
+        """Q(state, .) for every mixture of the grid."""
+        return self.q(state[None])[0]
+
+    def __call__(self, state: torch.Tensor, t: int) -> int:
+        return int(self.values(state).argmax())                                       # (E7) argmax_a Q(s, a)
+
+    def next_mixture(self, state: torch.Tensor) -> dict[str, float]:
+        """The mixture the agent picks in ``state``, as domain -> weight."""
+        return dict(zip(DOMAINS, ACTIONS[self(state, 0)].tolist()))
+
+
+# ------------------------------------------------------------------------------------------- drivers
+def on_device(corpus, device) -> text.Corpus:
+    """The corpus with its token tensors moved to ``device`` (so full mode's batches are drawn on the GPU)."""
+    return text.Corpus({k: v.to(device) for k, v in corpus.train.items()},
+                       {k: v.to(device) for k, v in corpus.val.items()})
+
+
+def pretrain_source(corpus, *, n_layer: int, n_embd: int, steps: int, seed: int, batch: int = 32, block: int = 32,
+                    lr: float = 3e-3, device: str | torch.device = "cpu") -> TinyGPT:
+    """A TinyGPT pre-trained on the source field only (AdamW, cosine decay to zero): the starting point of every
+    continual pre-training run (deep-copy it per run)."""
+    torch.manual_seed(seed)
+    model = TinyGPT(text.TOKENIZER.vocab_size, block, n_layer, n_embd, 4).to(device)
+    sampler = text.DomainSampler({d: corpus.train[d] for d in SOURCE}, generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    train.fit_lm(model, sampler, steps=steps, batch_size=batch, block=block, optimizer=opt,
+                 scheduler=train.cosine_lr(opt, steps, 0.5), desc="source pre-training")
+    return model
+
+
+def deploy(base: nn.Module, corpus, policies: dict[str, Callable], *, seeds, T: int, S: int,
+           **cpt) -> tuple[list[dict], dict]:
+    """Run every policy from a deep copy of ``base`` for each seed (the seed fixes the batches' generator, the
+    same for every policy). Returns one summary row per (policy, seed) and the full records by (policy, seed)."""
+    rows, records = [], {}
+    for s in seeds:
+        for name, pol in policies.items():
+            rec = run_cpt(copy.deepcopy(base), corpus, pol, T=T, S=S,
+                          generator=torch.Generator().manual_seed(10_000 + s), **cpt)
+            acts = ACTIONS[rec["actions"]]
+            rows.append({"policy": name, "seed": s, "balanced score": rec["score"],
+                         "source loss ratio": rec["src"][-1] / rec["src"][0],
+                         "target loss ratio": rec["tgt"][-1] / rec["tgt"][0],
+                         "source share": float(acts[:, :len(SOURCE)].sum(1).mean())})
+            records[(name, s)] = rec
+    return rows, records
 
 
 def value_iteration(P: torch.Tensor, R: torch.Tensor, gamma: float, iters: int = 2000) -> torch.Tensor:
-    """Q* of a tabular MDP with transition tensor P[s, a, s'] and rewards R[s, a] (for the tests)."""
+    """Q* of a tabular MDP with transitions P[s, a, s'] and rewards R[s, a] (the tests' reference)."""
     Q = torch.zeros_like(R)
     for _ in range(iters):
         Q = R + gamma * P @ Q.max(1).values
