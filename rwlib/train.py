@@ -261,8 +261,10 @@ def fit_lm(model: nn.Module, sampler, *, steps: int, batch_size: int, block: int
     every ``eval_every`` steps and at the end.
     """
 
+    device = module_device(model)
+
     def step_fn(t):
-        x, y, dom = sampler.batch(batch_size, block)
+        x, y, dom = (b.to(device) for b in sampler.batch(batch_size, block))  # no-op when the corpus is there
         ell, n = model.per_sample_loss(x, y)
         metrics = {}
         if loss_hook is not None:
