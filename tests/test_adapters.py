@@ -76,6 +76,21 @@ def test_trainable_copy_leaves_the_base_frozen_and_untouched():
     assert not torch.equal(params[0], next(base.parameters()))
 
 
+def test_lora_copy_is_seeded_and_leaves_the_global_rng_alone():
+    base = TinyGPT(97, 16, 2, 32, 4)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    m1, p1 = adapters.lora_copy(base, 2, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    m2, _ = adapters.lora_copy(base, 2, seed=5)
+    m3, _ = adapters.lora_copy(base, 2, seed=6)
+    a1, a2, a3 = (adapters.adapters(m)["blocks.0.attn.qkv"].A for m in (m1, m2, m3))
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+    assert adapters.adapters(m1)["blocks.0.attn.qkv"].scaling == pytest.approx(2.0)  # alpha = 2 rank
+    assert sum(p.numel() for p in p1) == adapters.count_trainable(m1) and m1.training
+    assert not adapters.adapters(base)  # the base is not wrapped
+
+
 # ------------------------------------------------------------------------------------------------ peft
 peft = pytest.importorskip("peft")
 
@@ -140,6 +155,40 @@ def test_pretrained_cache_is_verified_and_rebuilt(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.name + ".sha256"][:1] +
                                                                 [path.with_suffix(".pt.sha256").name])
     assert PretrainConfig(steps=4).key() != PretrainConfig(steps=5).key()
+
+
+def test_pretrain_is_deterministic_learns_and_matches_the_cached_recipe(tmp_path):
+    from rwlib import pretrained
+    from rwlib.data import text
+
+    cfg = PretrainConfig(n_layer=1, n_embd=16, block=16, steps=30, batch=8, n_chars=3000)
+    corpus = pretrained.source_corpus(cfg)
+    kw = dict(n_layer=1, n_embd=16, block=16, steps=30, batch=8, seed=0)
+    m1, m2 = pretrained.pretrain(corpus.train, **kw), pretrained.pretrain(corpus.train, **kw)
+    cached, _ = pretrained_tinygpt(cfg, tmp_path)
+    for a, b, c in zip(m1.state_dict().values(), m2.state_dict().values(), cached.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    fresh = TinyGPT(text.TOKENIZER.vocab_size, 16, 1, 16, 4)
+    assert pretrained.source_loss(m1, corpus.val, 16, 8) < pretrained.source_loss(fresh, corpus.val, 16, 8) - 0.5
+    moved = corpus.to("cpu")
+    assert moved.domains == corpus.domains and torch.equal(moved.val["code"], corpus.val["code"])
+
+
+def test_finetune_report_of_the_base_itself_shows_no_forgetting():
+    from rwlib import pretrained
+    from rwlib.data.tasks import MultiplyTask
+
+    cfg = PretrainConfig(n_layer=1, n_embd=16, block=16, steps=3, batch=4, n_chars=3000)
+    val = pretrained.source_corpus(cfg).val
+    torch.manual_seed(0)
+    model = TinyGPT(97, 16, 1, 16, 4)
+    task = MultiplyTask(2, 3)
+    problems = task.all_problems()
+    before = pretrained.source_loss(model, val, 16, 8)
+    rep = pretrained.finetune_report(model, task, problems, val, block=16, before=before, n_windows=8)
+    assert set(rep) == {"exact match", "target loss", "source loss", "forgetting"}
+    assert rep["forgetting"] == 0.0 and rep["source loss"] == before
+    assert 0.0 <= rep["exact match"] <= 1.0 and rep["target loss"] > 1.0  # an untrained model: high loss
 
 
 def test_module_classification_task():

@@ -214,6 +214,10 @@ class Corpus:
     def domains(self) -> list[str]:
         return list(self.train)
 
+    def to(self, device) -> "Corpus":
+        """The same corpus with its token tensors on ``device`` (so a GPU run draws its batches there)."""
+        return Corpus({k: v.to(device) for k, v in self.train.items()}, {k: v.to(device) for k, v in self.val.items()})
+
 
 def multidomain_corpus(domains, n_chars: int = 50_000, val_frac: float = 0.1, seed: int = 0) -> Corpus:
     """Build ``domains`` (names from :data:`GENERATORS`, or a dict name -> n_chars) and split each into a

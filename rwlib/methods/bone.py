@@ -51,11 +51,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from rwlib.adapters import (AdapterLinear, LoRALinear, adapter_parameters, adapters, block_linears, count_trainable,
+from rwlib.adapters import (AdapterLinear, adapter_parameters, adapters, block_linears, count_trainable, lora_copy,
                             trainable_copy, wrap_linears)
 
 __all__ = [
-    "MODES", "BoneLinear", "apply_bone", "bat_delta", "bone_delta", "bat_block_grad", "bone_block_grad",
+    "MODES", "BoneLinear", "apply_bone", "blocks", "block_norms", "bat_delta", "bone_delta", "bat_block_grad", "bone_block_grad",
     "METHODS", "lora_rank_for", "build", "finetune", "compare_methods", "init_gradients", "grad_norm_sweep",
     "effective_weights", "update_structure",
 ]
@@ -66,6 +66,19 @@ MODES = ("bat", "bone")
 # ----------------------------------------------------------------------------------------------------------
 # the maths, as functions of plain tensors
 # ----------------------------------------------------------------------------------------------------------
+def blocks(W: torch.Tensor, r: int) -> torch.Tensor:
+    """The ``r x r`` blocks of ``W`` (out, in) as a tensor indexed ``[a, c, i, j]``: row-block ``a`` (outputs),
+    column-block ``c`` (inputs), and the entry ``(i, j)`` inside the block."""
+    out, inp = W.shape
+    return W.reshape(out // r, r, inp // r, r).permute(0, 2, 1, 3)
+
+
+def block_norms(model: nn.Module, r: int) -> torch.Tensor:
+    """Spectral norms of every ``r x r`` block of the frozen weights under ``model``'s adapters (flattened)."""
+    return torch.cat([torch.linalg.matrix_norm(blocks(a.base.weight.detach(), r), ord=2).flatten()
+                      for a in adapters(model).values()])
+
+
 def bat_delta(W: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """(B1) ``Delta W`` of Bat: ``Delta W_{a,c} = W_{a,c} D_a + D_a`` for ``W`` (out, in), ``D`` (out/r, r, r)."""
     A, r, _ = D.shape
@@ -137,11 +150,10 @@ class BoneLinear(AdapterLinear):
         """(B3) ``W_{a,c} = (W'_{a,c} - D_a)(I + D_a)^{-1}``, solved blockwise in float64."""
         D = self.block.detach().to(torch.float64)
         A, r, _ = D.shape
-        out, inp = Wm.shape
-        Wm4 = Wm.detach().to(torch.float64).reshape(A, r, inp // r, r).permute(0, 2, 1, 3)   # [a, c, i, j]
+        Wm4 = blocks(Wm.detach().to(torch.float64), r)                                      # [a, c, i, j]
         eye = torch.eye(r, dtype=torch.float64, device=D.device)
         W4 = torch.linalg.solve((eye + D)[:, None], Wm4 - D[:, None], left=False)          # (B3) X (I+D_a) = W'-D_a
-        return W4.permute(0, 2, 1, 3).reshape(out, inp).to(Wm.dtype)
+        return W4.permute(0, 2, 1, 3).reshape(Wm.shape).to(Wm.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         if self.mode == "bat":
@@ -196,13 +208,10 @@ def build(base: nn.Module, method: str, *, r: int, lora_rank: int, seed: int):
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if method == "Full FT":
         return trainable_copy(base)
+    if method in ("LoRA", "PiSSA"):
+        return lora_copy(base, lora_rank, init=method.lower(), seed=seed)
     model = copy.deepcopy(base).train()
-    if method in ("Bat (Bone v1)", "Bone (v4)"):
-        apply_bone(model, r, "bat" if method.startswith("Bat") else "bone")
-    else:
-        torch.manual_seed(seed)  # LoRA's A is random
-        init = "lora" if method == "LoRA" else "pissa"
-        wrap_linears(model, lambda m: LoRALinear(m, lora_rank, alpha=2 * lora_rank, init=init), block_linears)
+    apply_bone(model, r, "bat" if method.startswith("Bat") else "bone")
     return model, adapter_parameters(model)
 
 
@@ -231,8 +240,7 @@ def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: 
     loss), the source loss before, and the fine-tuned models keyed by ``(label, seed)``."""
     import pandas as pd
 
-    from rwlib.pretrained import source_loss
-    from rwlib.rl import answer_loss, exact_match
+    from rwlib.pretrained import finetune_report, source_loss
 
     before = source_loss(base, val, block, n_windows)
     rows, curves, models = [], [], {}
@@ -241,11 +249,10 @@ def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: 
             model, hist = finetune(base, method, train_problems, steps=steps, batch_size=batch_size, lr=lr,
                                    seed=s, r=r, lora_rank=lora_rank)
             loss = torch.as_tensor(hist["loss"], dtype=torch.float64)
-            after = source_loss(model, val, block, n_windows)
             rows.append({"label": label, "method": method, "lr": lr, "seed": s, "trainable": count_trainable(model),
-                         "exact match": exact_match(model, task, eval_problems, max_new_tokens=4),
-                         "target loss": answer_loss(model, eval_problems), "source loss": after,
-                         "forgetting": after - before, "early train loss": float(loss[early[0]:early[1]].mean()),
+                         **finetune_report(model, task, eval_problems, val, block=block, before=before,
+                                           n_windows=n_windows),
+                         "early train loss": float(loss[early[0]:early[1]].mean()),
                          "last train loss": float(loss[-last:].mean())})
             curves.append(pd.DataFrame({"label": label, "seed": s, "step": range(1, len(loss) + 1),
                                         "loss": loss.numpy()}))

@@ -45,14 +45,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from rwlib import train
+from rwlib import pretrained, train
 from rwlib.data import text
 from rwlib.models import TinyGPT
 
 __all__ = ["SOURCE", "TARGET", "DOMAINS", "ACTIONS", "ACTION_NAMES", "action_index", "balanced_score",
            "make_state", "STATE_DIM", "domain_losses", "field_losses", "run_cpt", "Transitions",
            "collect_trajectories", "QNet", "cql_loss", "fit_cql", "DataMixingAgent", "constant", "decaying_replay",
-           "random_policy", "BASELINES", "baseline", "on_device", "pretrain_source", "deploy", "value_iteration"]
+           "random_policy", "BASELINES", "baseline", "pretrain_source", "deploy", "value_iteration"]
 
 SOURCE = ("code", "prose", "grammar")
 TARGET = ("addition", "multiply")
@@ -317,23 +317,14 @@ class DataMixingAgent:
 
 
 # ------------------------------------------------------------------------------------------- drivers
-def on_device(corpus, device) -> text.Corpus:
-    """The corpus with its token tensors moved to ``device`` (so full mode's batches are drawn on the GPU)."""
-    return text.Corpus({k: v.to(device) for k, v in corpus.train.items()},
-                       {k: v.to(device) for k, v in corpus.val.items()})
-
-
 def pretrain_source(corpus, *, n_layer: int, n_embd: int, steps: int, seed: int, batch: int = 32, block: int = 32,
                     lr: float = 3e-3, device: str | torch.device = "cpu") -> TinyGPT:
-    """A TinyGPT pre-trained on the source field only (AdamW, cosine decay to zero): the starting point of every
-    continual pre-training run (deep-copy it per run)."""
-    torch.manual_seed(seed)
-    model = TinyGPT(text.TOKENIZER.vocab_size, block, n_layer, n_embd, 4).to(device)
-    sampler = text.DomainSampler({d: corpus.train[d] for d in SOURCE}, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    train.fit_lm(model, sampler, steps=steps, batch_size=batch, block=block, optimizer=opt,
-                 scheduler=train.cosine_lr(opt, steps, 0.5), desc="source pre-training")
-    return model
+    """A TinyGPT pre-trained on the source field of ``corpus`` only (the book's recipe,
+    :func:`rwlib.pretrained.pretrain`): the starting point of every continual pre-training run (deep-copy it per
+    run)."""
+    return pretrained.pretrain({d: corpus.train[d] for d in SOURCE}, n_layer=n_layer, n_embd=n_embd, block=block,
+                               steps=steps, batch=batch, lr=lr, seed=seed, device=device,
+                               desc="source pre-training").train()
 
 
 def deploy(base: nn.Module, corpus, policies: dict[str, Callable], *, seeds, T: int, S: int,

@@ -50,11 +50,12 @@ import copy
 import math
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
-    "lift_budget", "lowrank_approx", "principal_mask", "magnitude_mask", "random_mask", "jaccard", "LIFTAdam",
+    "lift_budget", "lowrank_approx", "principal_mask", "brute_force_mask", "magnitude_mask", "random_mask", "jaccard", "LIFTAdam",
     "METHODS", "finetune", "compare_methods", "mask_overlap", "model_linears", "minilm_linears",
 ]
 
@@ -112,6 +113,20 @@ def principal_mask(W: torch.Tensor, filter_rank: int | None, k: int, select: str
     """(E2-E3) Boolean mask of the ``k`` largest (or smallest) entries of ``|W_r|``, the rank-``filter_rank``
     approximation of ``W`` (``filter_rank=None``: full rank, i.e. the magnitude mask)."""
     return _topk_mask(lowrank_approx(W, filter_rank).abs(), k, select)  # (E3) top-k |W_r|
+
+
+def brute_force_mask(W: torch.Tensor, filter_rank: int | None, k: int, select: str = "largest") -> np.ndarray:
+    """The reference for :func:`principal_mask`, by a separate route: numpy's float64 SVD, the rank-``filter_rank``
+    reconstruction, and a stable argsort of its absolute values (so ties, absent from random matrices, would go
+    to the lower flat index). Used by the tests and by chapter 20's check."""
+    A = W.detach().cpu().double().numpy()
+    U, S, Vt = np.linalg.svd(A, full_matrices=False)
+    r = len(S) if filter_rank is None else filter_rank
+    score = np.abs((U[:, :r] * S[:r]) @ Vt[:r]).ravel()
+    order = np.argsort(-score if select == "largest" else score, kind="stable")
+    mask = np.zeros(score.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask.reshape(A.shape)
 
 
 def magnitude_mask(W: torch.Tensor, k: int, select: str = "largest") -> torch.Tensor:
@@ -284,13 +299,10 @@ def _make(base: nn.Module, method: str, *, lr: float, betas, lora_rank: int, fil
     if method == "Full FT":
         model, params = adapters.trainable_copy(base)
         return model, torch.optim.Adam(params, lr=lr, betas=betas)
-    model = copy.deepcopy(base).train()
     if method == "LoRA":
-        with torch.random.fork_rng():  # LoRA's A is initialised randomly; leave the global RNG alone
-            torch.manual_seed(seed)
-            adapters.wrap_linears(model, lambda m: adapters.LoRALinear(m, lora_rank, alpha=2 * lora_rank),
-                                  target=adapters.block_linears)
-        return model, torch.optim.Adam(adapters.adapter_parameters(model), lr=lr, betas=betas)
+        model, params = adapters.lora_copy(base, lora_rank, seed=seed)
+        return model, torch.optim.Adam(params, lr=lr, betas=betas)
+    model = copy.deepcopy(base).train()
     for p in model.parameters():  # sparse methods: embeddings, head, norms, biases frozen
         p.requires_grad_(False)
     weights = list(model_linears(model).values())
@@ -323,16 +335,14 @@ def finetune(base: nn.Module, method: str, train_problems: list, *, steps: int, 
 
 def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: list, val: dict, *,
                     methods=METHODS, seeds=(0,), steps: int, batch_size: int, lrs: dict, block: int,
-                    n_windows: int, labels: dict | None = None, **kw):
-    """Fine-tune every method at every seed. Returns a tidy frame (method, seed, target accuracy, target loss,
-    source loss,
-    forgetting = source loss after - before, final train loss), the source loss before, and the fine-tuned
+                    n_windows: int, **kw):
+    """Fine-tune every method at every seed. Returns a tidy frame (method, seed, the columns of
+    :func:`rwlib.pretrained.finetune_report`, final train loss), the source loss before, and the fine-tuned
     ``(model, optimizer)`` of every run keyed by ``(label, seed)``. ``methods`` entries are method names or
     ``(label, method, overrides)`` triples (e.g. ``("LIFT r=16", "LIFT", {"filter_rank": 16})``)."""
     import pandas as pd
 
-    from rwlib.pretrained import source_loss
-    from rwlib.rl import answer_loss, exact_match
+    from rwlib.pretrained import finetune_report, source_loss
 
     before = source_loss(base, val, block, n_windows)
     rows, runs = [], {}
@@ -341,11 +351,9 @@ def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: 
             label, method, over = (entry, entry, {}) if isinstance(entry, str) else entry
             model, opt, hist = finetune(base, method, train_problems, steps=steps, batch_size=batch_size,
                                         lr=lrs[method], seed=s, **{**kw, **over})
-            after = source_loss(model, val, block, n_windows)
             rows.append({"method": label, "seed": s,
-                         "target accuracy": exact_match(model, task, eval_problems, max_new_tokens=4),
-                         "target loss": answer_loss(model, eval_problems),
-                         "source loss": after, "forgetting": after - before,
+                         **finetune_report(model, task, eval_problems, val, block=block, before=before,
+                                           n_windows=n_windows),
                          "final train loss": float(torch.as_tensor(hist["loss"][-20:]).mean())})
             runs[label, s] = (model, opt)
     return pd.DataFrame(rows), before, runs

@@ -53,6 +53,18 @@ def test_bat_delta_blockwise_definition_and_bone_special_case():
     # with W = 0, Bat is Bone: block_bone[j, a r + i] = block_bat[a, i, j]
     Dbone = D.permute(2, 0, 1).reshape(4, 16)
     assert torch.allclose(bat_delta(torch.zeros_like(W), D), bone_delta(Dbone, 24), atol=0)
+    B = bone.blocks(W, 4)
+    assert B.shape == (4, 6, 4, 4) and torch.equal(B[2, 5], W[8:12, 20:24])
+
+
+def test_block_norms_are_the_spectral_norms_of_the_frozen_blocks():
+    torch.manual_seed(2)
+    m = TinyGPT(97, 16, 1, 32, 4)
+    apply_bone(m, 8, "bat")
+    norms = bone.block_norms(m, 8)
+    W = m.blocks[0].attn.proj.base.weight.detach()   # 32 x 32: the 4 x 4 blocks come after qkv's 12 x 4
+    assert len(norms) == sum((a.out_features // 8) * (a.in_features // 8) for a in bone.adapters(m).values())
+    assert norms[48].item() == pytest.approx(float(torch.linalg.matrix_norm(W[:8, :8], ord=2)), rel=1e-6)
 
 
 @pytest.mark.parametrize("inp", [24, 26])

@@ -9,19 +9,6 @@ from rwlib.methods import lift
 from rwlib.models import TinyGPT
 
 
-def brute_force_mask(W: torch.Tensor, r: int | None, k: int, select: str = "largest") -> np.ndarray:
-    """numpy float64 SVD, rank-r reconstruction, stable argsort of |L|: the reference selection."""
-    A = W.detach().double().numpy()
-    U, S, Vt = np.linalg.svd(A, full_matrices=False)
-    r = len(S) if r is None else r
-    L = (U[:, :r] * S[:r]) @ Vt[:r]
-    score = np.abs(L).ravel()
-    order = np.argsort(-score if select == "largest" else score, kind="stable")
-    mask = np.zeros(score.size, dtype=bool)
-    mask[order[:k]] = True
-    return mask.reshape(A.shape)
-
-
 # ---------------------------------------------------------------------------------------------- budget, masks
 def test_budget_formula():
     assert lift.lift_budget((4096, 4096), 128) == 8192 * 128  # 6.25 % of the matrix
@@ -42,14 +29,14 @@ def test_principal_mask_equals_brute_force(shape, r):
     k = lift.lift_budget(shape, 4)
     ours = lift.principal_mask(W, r, k)
     assert ours.dtype == torch.bool and ours.shape == W.shape and int(ours.sum()) == k
-    np.testing.assert_array_equal(ours.numpy(), brute_force_mask(W, r, k))
+    np.testing.assert_array_equal(ours.numpy(), lift.brute_force_mask(W, r, k))
 
 
 def test_smallest_selection_equals_brute_force():
     W = torch.randn(96, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     k = lift.lift_budget(W.shape, 4)
     ours = lift.principal_mask(W, 4, k, select="smallest")
-    np.testing.assert_array_equal(ours.numpy(), brute_force_mask(W, 4, k, "smallest"))
+    np.testing.assert_array_equal(ours.numpy(), lift.brute_force_mask(W, 4, k, "smallest"))
     assert not (ours & lift.principal_mask(W, 4, k)).any()  # k + k < m n: disjoint from the largest
 
 
@@ -61,7 +48,7 @@ def test_full_rank_gives_the_magnitude_mask(dtype):
     assert torch.equal(lift.principal_mask(W, None, k), mag)
     assert torch.equal(lift.principal_mask(W, 64, k), mag)
     assert torch.equal(lift.principal_mask(W, 1000, k), mag)  # ranks above min(m, n) mean full rank
-    np.testing.assert_array_equal(mag.numpy(), brute_force_mask(W, None, k))
+    np.testing.assert_array_equal(mag.numpy(), lift.brute_force_mask(W, None, k))
     if dtype == torch.float32:  # the float64 reconstruction rounds back to the float32 matrix itself
         assert torch.equal(lift.lowrank_approx(W, None), W)
 
