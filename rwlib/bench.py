@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .claims import write_json_atomic
+from .atomic import write_json_atomic
 from .models import TinyGPT
 
 

@@ -11,9 +11,21 @@ Both expose ``features(x)`` (the representation before the head) and ``head`` (t
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode for a block and restore its previous mode afterwards, even on an exception."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -182,9 +194,7 @@ class TinyGPT(nn.Module):
         """Sample ``max_new_tokens`` tokens after each row of ``idx`` (batched); ``temperature=0`` is greedy."""
         if temperature < 0:
             raise ValueError(f"bad temperature {temperature}: expected >= 0")
-        was = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             for _ in range(max_new_tokens):
                 logits = self(idx[:, -self.block_size:])[:, -1, :]
                 if temperature == 0:
@@ -199,6 +209,4 @@ class TinyGPT(nn.Module):
                         probs = probs.to(generator.device)  # a CPU generator keeps GPU sampling reproducible
                     nxt = torch.multinomial(probs, 1, generator=generator).to(idx.device)
                 idx = torch.cat([idx, nxt], dim=1)
-        finally:
-            self.train(was)
         return idx

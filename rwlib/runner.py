@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import catalog
-from .claims import write_json_atomic
+from .atomic import write_json_atomic
 
 DEFAULT_TIMEOUT = 900
 

@@ -47,6 +47,8 @@ class DistributionAlignment:
 
     @torch.no_grad()
     def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.queue.device != probs.device:
+            self.queue = self.queue.to(probs.device)
         self.queue[self.ptr] = probs.mean(0)
         self.ptr = (self.ptr + 1) % len(self.queue)
         p = probs / self.queue.mean(0)
@@ -76,17 +78,21 @@ class SSLConfig:
 
 
 def train_ssl(split: FewLabelSplit, cfg: SSLConfig, seed: int, extra: nn.Module | None = None,
-              desc: str = "ssl") -> tuple[History, nn.Module]:
+              desc: str = "ssl", device: str | torch.device = "cpu") -> tuple[History, nn.Module]:
     """Train FixMatch (or the supervised reference, ``cfg.unsupervised=False``) on a few-label split.
 
     ``extra``, when given, is a module called as ``extra(feats_s, probs_w, mask, step) -> (loss, metrics)``
     on the strong-view features of the unlabeled batch; its parameters are trained too and its loss is added
     (times ``lambda_u``). Labeled, weak and strong views go through the network in one forward pass, so
     BatchNorm sees them together. Returns the history (EMA test accuracy, mask ratio, ...) and the EMA model.
+    The networks train on ``device``; the data stay where they are and the augmentations draw from a CPU
+    generator, so a run is the same on any device up to floating-point order.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = SmallCNN(split.labeled.shape, split.labeled.n_classes, cfg.widths, cfg.feat_dim)
+    model = SmallCNN(split.labeled.shape, split.labeled.n_classes, cfg.widths, cfg.feat_dim).to(device)
+    if extra is not None:
+        extra.to(device)
     params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
     opt = torch.optim.SGD(decay_groups(params, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=True)
@@ -98,13 +104,13 @@ def train_ssl(split: FewLabelSplit, cfg: SSLConfig, seed: int, extra: nn.Module 
 
     def step_fn(t):
         li = lab.next()
-        xl = weak_view(Xl[li], g)
-        yb = yl[li]
+        xl = weak_view(Xl[li], g).to(device)
+        yb = yl[li].to(device)
         if not cfg.unsupervised:
             logits_x = model(xl)
             return {"loss": F.cross_entropy(logits_x, yb)}
         u = Xu[unl.next()]
-        xw, xs = weak_view(u, g), strong_view(u, g)
+        xw, xs = weak_view(u, g).to(device), strong_view(u, g).to(device)
         feats = model.features(torch.cat([xl, xw, xs]))
         n_l, n_u = len(xl), len(u)
         logits = model.head(feats)

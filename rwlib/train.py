@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import module_device
+from .models import eval_mode, module_device
 from .repro import progress_enabled
 
 
@@ -90,12 +90,10 @@ class ModelEMA:
 @torch.no_grad()
 def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> dict:
     """Accuracy and mean cross-entropy of ``model`` on (X, y), in eval mode (training mode is restored)."""
-    was = model.training
-    model.eval()
-    try:
-        logits = torch.cat([model(X[i:i + batch_size]) for i in range(0, len(X), batch_size)])
-    finally:
-        model.train(was)
+    device = module_device(model)
+    with eval_mode(model):
+        logits = torch.cat([model(X[i:i + batch_size].to(device)) for i in range(0, len(X), batch_size)])
+    y = y.to(device)
     return {"acc": (logits.argmax(1) == y).float().mean().item(),
             "loss": F.cross_entropy(logits, y).item()}
 
@@ -192,14 +190,17 @@ def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, steps: int, batch
       returns per-sample weights; the minimised loss is ``mean(weights * losses)`` (plain mean without it).
     - ``augment(x, generator)`` transforms a batch; ``on_step(step, model)`` returns extra metrics to record
       (e.g. weight norms); ``eval_data`` is evaluated (with the EMA model when given) every ``eval_every``.
+    - Batches move to the model's device: put the model on ``run.device`` and the data may stay on the CPU.
     """
     batches = Batches(len(y), batch_size, generator)
+    device = module_device(model)
 
     def step_fn(t):
         idx = batches.next()
         xb, yb = X[idx], y[idx]
         if augment is not None:
-            xb = augment(xb, generator)
+            xb = augment(xb, generator)  # on the data's device, with the (CPU) generator
+        xb, yb = xb.to(device), yb.to(device)  # no-op when the data live on the model's device
         logits = model(xb)
         losses = loss_fn(logits, yb)
         if weight_fn is not None:
@@ -233,16 +234,12 @@ def eval_lm(model: nn.Module, val: dict[str, torch.Tensor], block: int, n_window
     """Validation loss per domain on fixed windows (the same every call): ``{"val_<domain>": loss}``."""
     from .data.text import eval_windows
 
-    was = model.training
     device = module_device(model)
-    model.eval()
-    try:
-        out = {}
+    out = {}
+    with eval_mode(model):
         for name, tokens in val.items():
             x, y = (t.to(device) for t in eval_windows(tokens, block, n_windows))
             out[f"val_{name}"] = model.token_losses(x, y).mean().item()
-    finally:
-        model.train(was)
     return out
 
 

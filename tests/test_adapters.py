@@ -5,10 +5,10 @@ import torch
 import pytest
 from torch import nn
 
-from rwlib import adapters
+from rwlib import adapters, finetune
 from rwlib.adapters import LoRALinear, wrap_linears
 from rwlib.models import TinyGPT
-from rwlib.pretrained import PretrainConfig, module_classification, pretrained_tinygpt
+from rwlib.pretrained import PretrainConfig, pretrained_tinygpt
 
 
 def _lin(seed=0, i=24, o=16, dtype=torch.float64):
@@ -169,7 +169,7 @@ def test_pretrain_is_deterministic_learns_and_matches_the_cached_recipe(tmp_path
     for a, b, c in zip(m1.state_dict().values(), m2.state_dict().values(), cached.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
     fresh = TinyGPT(text.TOKENIZER.vocab_size, 16, 1, 16, 4)
-    assert pretrained.source_loss(m1, corpus.val, 16, 8) < pretrained.source_loss(fresh, corpus.val, 16, 8) - 0.5
+    assert finetune.source_loss(m1, corpus.val, 16, 8) < finetune.source_loss(fresh, corpus.val, 16, 8) - 0.5
     moved = corpus.to("cpu")
     assert moved.domains == corpus.domains and torch.equal(moved.val["code"], corpus.val["code"])
 
@@ -184,19 +184,11 @@ def test_finetune_report_of_the_base_itself_shows_no_forgetting():
     model = TinyGPT(97, 16, 1, 16, 4)
     task = MultiplyTask(2, 3)
     problems = task.all_problems()
-    before = pretrained.source_loss(model, val, 16, 8)
-    rep = pretrained.finetune_report(model, task, problems, val, block=16, before=before, n_windows=8)
+    before = finetune.source_loss(model, val, 16, 8)
+    rep = finetune.finetune_report(model, task, problems, val, block=16, before=before, n_windows=8)
     assert set(rep) == {"exact match", "target loss", "source loss", "forgetting"}
     assert rep["forgetting"] == 0.0 and rep["source loss"] == before
     assert 0.0 <= rep["exact match"] <= 1.0 and rep["target loss"] > 1.0  # an untrained model: high loss
-
-
-def test_module_classification_task():
-    texts, labels, names = module_classification(n_chars=100)
-    assert len(texts) == len(labels) and len(names) == 6
-    assert torch.bincount(labels).min() >= 5
-    with pytest.raises(ValueError, match="'nosuch'"):
-        module_classification(("nosuch",))
 
 
 def test_minilm_loads_offline_and_wraps():

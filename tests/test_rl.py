@@ -11,10 +11,10 @@ import torch
 
 from rwlib.data.tasks import (FORMAT_ERROR, AdditionTask, MultiplyTask, SumToTask, encode_prompts, sft_batch,
                               split_problems)
+from rwlib.finetune import answer_loss, exact_match, sft_objective, sft_train
 from rwlib.models import TinyGPT
-from rwlib.rl import (GRPOConfig, aggregate, answer_loss, clipped_pg_loss, evaluate_task, exact_match,
-                      group_advantages, pass_at_k, rloo_advantages, sample_completions, sequence_logprobs,
-                      sft_objective, sft_train, token_entropy, train_grpo)
+from rwlib.rl import (GRPOConfig, aggregate, clipped_pg_loss, evaluate_task, group_advantages, pass_at_k,
+                      rloo_advantages, sample_completions, sequence_logprobs, token_entropy, train_grpo)
 from rwlib.rl.rollout import completion_mask
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..atomic import atomic_path
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,7 @@ def fetch(name: str, *, directory: str | Path | None = None, registry: dict[str,
         if digest == entry.sha256:
             return path
         path.unlink()  # corrupt or partial copy: fetch again
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{entry.filename}.", suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".part") as tmp:
         try:
             with urllib.request.urlopen(entry.url, timeout=timeout) as r, open(tmp, "wb") as f:
                 while block := r.read(1 << 20):
@@ -91,11 +89,7 @@ def fetch(name: str, *, directory: str | Path | None = None, registry: dict[str,
                 f"cannot download {name!r} from {entry.url} ({e}). Full mode needs the network for this "
                 f"dataset: run it where the network is reachable (e.g. Colab), or put a verified copy at {path}"
             ) from e
-        digest = sha256(Path(tmp))
+        digest = sha256(tmp)
         if digest != entry.sha256:
             raise ChecksumError(f"{entry.url}: sha256 {digest} does not match the registry's {entry.sha256}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

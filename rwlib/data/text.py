@@ -16,9 +16,6 @@
 
 - :func:`multidomain_corpus` builds several domains with per-domain train/validation splits (as token
   tensors); :class:`DomainSampler` draws training windows with settable mixture weights.
-
-Full mode may stream a real corpus through the ``datasets`` package (see :func:`load_hf_text`), cached by the
-library and failing with a clear message offline.
 """
 
 from __future__ import annotations
@@ -289,24 +286,3 @@ def eval_windows(tokens: torch.Tensor, block: int, n: int) -> tuple[torch.Tensor
     starts = torch.linspace(0, len(tokens) - block - 1, n).long()
     win = tokens[starts[:, None] + torch.arange(block + 1)]
     return win[:, :-1], win[:, 1:]
-
-
-def load_hf_text(name: str, split: str = "train", n_chars: int = 5_000_000, text_field: str = "text") -> str:
-    """Full mode only: stream ``n_chars`` characters of a Hugging Face dataset (e.g. ``"HuggingFaceFW/fineweb-edu"``)
-    through the ``datasets`` package, which caches it. Raises a clear error offline or without ``datasets``."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError("full mode's real corpus needs `pip install datasets`") from e
-    try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
-        out, total = [], 0
-        for row in ds:
-            out.append(row[text_field])
-            total += len(row[text_field])
-            if total >= n_chars:
-                break
-    except Exception as e:  # offline: connection errors surface from deep inside datasets/huggingface_hub
-        raise ConnectionError(f"cannot stream {name!r} ({e}); real corpora need the network (e.g. Colab). "
-                              f"Quick mode uses the offline generators instead.") from e
-    return "".join(out)[:n_chars]

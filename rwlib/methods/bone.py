@@ -220,7 +220,7 @@ def finetune(base: nn.Module, method: str, train_problems: list, *, steps: int, 
     """Fine-tune a deep copy of ``base`` with ``method``: AdamW (weight decay 0), cosine decay to 0 without
     warm-up, gradient clipping at 1 (the paper's recipe); batches drawn from ``train_problems`` with ``seed``.
     Returns ``(model, history)``; the adapters stay unmerged (merge with :func:`rwlib.adapters.merge_all`)."""
-    from rwlib.rl import sft_train
+    from rwlib.finetune import sft_train
     from rwlib.train import cosine_lr
 
     model, params = build(base, method, r=r, lora_rank=lora_rank, seed=seed)
@@ -240,7 +240,7 @@ def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: 
     loss), the source loss before, and the fine-tuned models keyed by ``(label, seed)``."""
     import pandas as pd
 
-    from rwlib.pretrained import finetune_report, source_loss
+    from rwlib.finetune import finetune_report, source_loss
 
     before = source_loss(base, val, block, n_windows)
     rows, curves, models = [], [], {}
@@ -266,7 +266,7 @@ def init_gradients(base: nn.Module, method: str, problems: list, *, r: int, lora
     the matrices the adapters wrap); for LoRA/PiSSA also the norms of dL/dA and dL/dB."""
     from rwlib.data.tasks import sft_batch
     from rwlib.models import module_device
-    from rwlib.rl import sft_objective
+    from rwlib.finetune import sft_objective
 
     model, params = build(base, method, r=r, lora_rank=lora_rank, seed=seed)
     x, y, mask = (t.to(module_device(base)) for t in sft_batch(problems))

@@ -38,7 +38,6 @@ Equations (numbers referred to in the code)
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -48,6 +47,7 @@ from torch import nn
 from rwlib import pretrained, train
 from rwlib.data import text
 from rwlib.models import TinyGPT
+from rwlib.rl.offline import QNet, Transitions, cql_loss, fit_cql, value_iteration  # noqa: F401  (E6)
 
 __all__ = ["SOURCE", "TARGET", "DOMAINS", "ACTIONS", "ACTION_NAMES", "action_index", "balanced_score",
            "make_state", "STATE_DIM", "domain_losses", "field_losses", "run_cpt", "Transitions",
@@ -204,22 +204,6 @@ def baseline(name: str, T: int) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------- trajectories
-@dataclass
-class Transitions:
-    """An offline RL dataset: observations, actions, rewards, next observations, terminal flags."""
-    obs: torch.Tensor
-    act: torch.Tensor
-    rew: torch.Tensor
-    next_obs: torch.Tensor
-    done: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.act)
-
-    def __getitem__(self, idx) -> "Transitions":
-        return Transitions(self.obs[idx], self.act[idx], self.rew[idx], self.next_obs[idx], self.done[idx])
-
-
 def collect_trajectories(proxy: nn.Module, corpus, *, J: int, T: int, S: int, generator: torch.Generator,
                          **cpt) -> tuple[Transitions, list[dict]]:
     """(E5) J random-mixture trajectories, each from a fresh deep copy of the same source-pre-trained proxy and
@@ -237,64 +221,6 @@ def collect_trajectories(proxy: nn.Module, corpus, *, J: int, T: int, S: int, ge
     data = Transitions(torch.stack(obs), torch.tensor(act), torch.tensor(rew, dtype=torch.float32),
                        torch.stack(nxt), torch.tensor(done))
     return data, records
-
-
-# ------------------------------------------------------------------------------------------- offline RL: CQL
-class QNet(nn.Module):
-    """An MLP Q-network (two hidden ReLU layers): state -> one value per mixture of the grid."""
-
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int = 64):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, n_actions))
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
-
-
-def cql_loss(q: nn.Module, q_target: nn.Module, batch: Transitions, alpha: float, gamma: float):
-    """(E6) discrete CQL(H): alpha * mean(logsumexp_a Q(s, a) - Q(s, a_data)) + 1/2 mean TD error^2, the TD target
-    from the frozen target network. Returns ``(loss, {"td": ..., "cql": ...})``."""
-    qs = q(batch.obs)                                                                           # (N, A)
-    q_data = qs.gather(1, batch.act[:, None]).squeeze(1)
-    with torch.no_grad():
-        target = batch.rew + gamma * (1 - batch.done) * q_target(batch.next_obs).max(1).values  # (E6) TD target
-    td = 0.5 * ((q_data - target) ** 2).mean()                                                  # (E6) 1/2 TD^2
-    conservative = (torch.logsumexp(qs, 1) - q_data).mean()                                     # (E6) CQL(H) term
-    return alpha * conservative + td, {"td": td.item(), "cql": conservative.item()}
-
-
-def fit_cql(data: Transitions, n_actions: int, *, alpha: float = 1.0, gamma: float = 0.9, steps: int = 2000,
-            batch: int = 64, lr: float = 1e-3, target_every: int = 100, hidden: int = 64, seed: int = 0,
-            reward_scale: float = 1.0, q: nn.Module | None = None) -> tuple[nn.Module, train.History]:
-    """Train a Q-network offline on ``data`` with :func:`cql_loss` (Adam, hard target-network copies every
-    ``target_every`` steps). Rewards are multiplied by ``reward_scale`` first: CQL's ``alpha`` acts against the
-    scale of the rewards. ``q`` replaces the default :class:`QNet` (the tests pass a Q-table). Returns the network
-    (in eval mode) and the loss history (``td``, ``cql`` per step)."""
-    if alpha < 0:
-        raise ValueError(f"bad alpha={alpha}: the CQL weight must be >= 0")
-    if not 0 <= gamma <= 1:
-        raise ValueError(f"bad gamma={gamma}: expected 0 <= gamma <= 1")
-    if len(data) == 0 or int(data.act.max()) >= n_actions or int(data.act.min()) < 0:
-        raise ValueError(f"bad dataset: {len(data)} transitions, actions must lie in 0..{n_actions - 1}")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    q = q if q is not None else QNet(data.obs.shape[1], n_actions, hidden)
-    data = Transitions(data.obs, data.act, data.rew * reward_scale, data.next_obs, data.done)
-    q_target = copy.deepcopy(q)
-    opt = torch.optim.Adam(q.parameters(), lr=lr)
-    bs = min(batch, len(data))
-
-    def step_fn(t):
-        if t > 0 and t % target_every == 0:
-            q_target.load_state_dict(q.state_dict())
-        idx = torch.randperm(len(data), generator=g)[:bs] if bs == len(data) else \
-            torch.randint(len(data), (bs,), generator=g)
-        loss, info = cql_loss(q, q_target, data[idx], alpha, gamma)
-        return {"loss": loss, **info}
-
-    hist = train.loop(step_fn, steps=steps, optimizer=opt, desc="CQL")
-    return q.eval(), hist
 
 
 class DataMixingAgent:
@@ -343,11 +269,3 @@ def deploy(base: nn.Module, corpus, policies: dict[str, Callable], *, seeds, T: 
                          "source share": float(acts[:, :len(SOURCE)].sum(1).mean())})
             records[(name, s)] = rec
     return rows, records
-
-
-def value_iteration(P: torch.Tensor, R: torch.Tensor, gamma: float, iters: int = 2000) -> torch.Tensor:
-    """Q* of a tabular MDP with transitions P[s, a, s'] and rewards R[s, a] (the tests' reference)."""
-    Q = torch.zeros_like(R)
-    for _ in range(iters):
-        Q = R + gamma * P @ Q.max(1).values
-    return Q

@@ -322,7 +322,7 @@ def finetune(base: nn.Module, method: str, train_problems: list, *, steps: int, 
     from ``train_problems`` (:func:`rwlib.rl.sft_train`: mean cross-entropy of the answer tokens, global
     gradient-norm clipping at 1); returns ``(model, optimizer, history)``. LoRA is merged into plain weights."""
     from rwlib import adapters
-    from rwlib.rl import sft_train
+    from rwlib.finetune import sft_train
 
     model, opt = _make(base, method, lr=lr, betas=betas, lora_rank=lora_rank, filter_rank=filter_rank,
                        update_interval=update_interval, select=select, seed=seed)
@@ -342,7 +342,7 @@ def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: 
     ``(label, method, overrides)`` triples (e.g. ``("LIFT r=16", "LIFT", {"filter_rank": 16})``)."""
     import pandas as pd
 
-    from rwlib.pretrained import finetune_report, source_loss
+    from rwlib.finetune import finetune_report, source_loss
 
     before = source_loss(base, val, block, n_windows)
     rows, runs = [], {}

@@ -48,7 +48,7 @@ import torch
 
 from ..data.tasks import CORRECT, WRONG, AdditionTask, Problem, sft_batch
 from ..data.text import TOKENIZER
-from ..models import TinyGPT
+from ..models import TinyGPT, eval_mode
 from ..rl import GRPOConfig, evaluate_task, sequence_logprobs, sft_loss, token_entropy, train_grpo
 from ..train import History, cosine_lr, loop
 
@@ -188,11 +188,8 @@ def relift_hook(model, optimizer: torch.optim.Optimizer, buffer: HardestBuffer, 
             for _ in range(epochs):                                                        # sft_epochs
                 out["sft_loss"] = finetune_step(model, optimizer, batch, alpha, grad_clip)
                 state["steps"] += 1
-            was = model.training
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 rollout.logp_old, _ = sequence_logprobs(model, rollout.tokens, rollout.prompt_len, False)
-            model.train(was)
         out.update(demos_used=float(buffer.used), buffer=float(len(buffer)), sft_steps=float(state["steps"]))
         return out
 

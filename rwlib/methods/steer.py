@@ -55,8 +55,8 @@ import torch
 from ..data.tasks import AdditionTask, Problem
 from ..data.text import TOKENIZER
 from ..models import TinyGPT
-from ..rl import (GRPOConfig, clipped_pg_loss, group_advantages, sample_completions, sequence_logprobs, sft_train,
-                  train_grpo)
+from ..finetune import sft_train
+from ..rl import GRPOConfig, clipped_pg_loss, group_advantages, sample_completions, sequence_logprobs, train_grpo
 from ..rl.rollout import score
 
 PI_MIN = 1e-8

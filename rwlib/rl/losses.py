@@ -28,6 +28,11 @@ import torch
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-sum-const", "seq-sum")
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` at every position, from ``logits`` (..., V) and integer ``targets`` (...), in float32."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at every position, in float32: logsumexp(z) - sum softmax(z) z."""
     z = logits.float()

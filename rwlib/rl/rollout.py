@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..data.tasks import STOP, Problem, encode_prompts
 from ..data.text import TOKENIZER
-from ..models import module_device
-from .losses import token_entropy
+from ..models import eval_mode, module_device
+from .losses import pass_at_k, token_entropy, token_logprobs
 
 STOP_ID = int(TOKENIZER.encode(STOP)[0])
 
@@ -27,7 +27,6 @@ class Rollout:
     texts: list[str]                 # N completions, cut after the stop symbol
     rewards: torch.Tensor | None = None            # (N,)
     advantages: torch.Tensor | None = None         # (N,)
-    extras: dict = field(default_factory=dict)
 
     @property
     def completion(self) -> torch.Tensor:
@@ -41,7 +40,7 @@ def sequence_logprobs(model, tokens: torch.Tensor, prompt_len: int, with_entropy
     """Log-prob of every completion token (positions ``prompt_len..``) and the entropy there: ``(logp, H)``, (N, T)."""
     logits = model(tokens[:, :-1])[:, prompt_len - 1:]
     target = tokens[:, prompt_len:]
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, target[..., None]).squeeze(-1)
+    logp = token_logprobs(logits, target)
     return logp, (token_entropy(logits) if with_entropy else None)
 
 
@@ -60,12 +59,8 @@ def sample_completions(model, problems: list[Problem], group_size: int, max_new_
     tokens = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     P = prompts.shape[1]
     mask = completion_mask(tokens[:, P:])
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logp_old, _ = sequence_logprobs(model, tokens, P, with_entropy=False)
-    finally:
-        model.train(was)
     texts = []
     for row, m in zip(tokens[:, P:].tolist(), mask.sum(1).int().tolist()):
         texts.append(TOKENIZER.decode(row[:m]))
@@ -78,3 +73,22 @@ def score(task, rollout: Rollout) -> torch.Tensor:
     r = torch.tensor([task.verify(rollout.problems[i // G], t) for i, t in enumerate(rollout.texts)])
     rollout.rewards = r
     return r
+
+
+@torch.no_grad()
+def evaluate_task(model, task, problems, *, n_samples: int = 1, ks=(1,), temperature: float = 1.0,
+                  max_new_tokens: int = 8, generator: torch.Generator | None = None) -> dict:
+    """Sample ``n_samples`` completions per problem and return pass@k (unbiased) for each k in ``ks``, greedy
+    accuracy when ``temperature == 0``, format-error rate, mean completion length, and pass@1 per difficulty."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    ro = sample_completions(model, problems, n_samples, max_new_tokens, g, temperature)
+    r = score(task, ro).reshape(len(problems), n_samples)
+    correct = (r == 1).sum(1)
+    out = {f"pass@{k}": float(pass_at_k(n_samples, correct, k).mean()) for k in ks}
+    out["format_errors"] = float((r < 0).float().mean())
+    out["length"] = float(ro.mask.sum(1).mean())
+    diffs = torch.tensor([p.difficulty for p in problems])
+    for d in sorted(set(diffs.tolist())):
+        out[f"acc_d{d}"] = float((r[diffs == d] == 1).float().mean())
+    out["rollout"] = ro
+    return out

@@ -199,7 +199,7 @@ def test_methods_train_the_intended_parameters():
 
 def test_finetune_changes_only_selected_entries():
     from rwlib.data.tasks import MultiplyTask
-    from rwlib.rl import exact_match
+    from rwlib.finetune import exact_match
 
     torch.manual_seed(0)
     base = TinyGPT(97, block_size=16, n_layer=1, n_embd=32, n_head=2)
