@@ -190,32 +190,48 @@ def test_train_ssl_smoke():
 def test_ledger_relations_and_atomic_json(tmp_path, monkeypatch):
     monkeypatch.setenv("RWLIB_LEDGER_DIR", str(tmp_path))
     led = claims.Ledger(24, mode="quick", seed=0)
-    assert led.check("a", paper="p", ours=2.0, relation=">=", target=1.0).held
-    assert not led.check("b", paper="p", ours=0.4, relation=">", target=0.5).held
-    assert not led.check("c", paper="p", ours=float("nan"), relation="<=", target=1.0).held
-    assert led.check("d", paper="p", ours=1.05, relation="~=", target=1.0, tol=0.1).held
+    assert led.check("a", source="Table 1", paper="p", ours=2.0, relation=">=", target=1.0).held
+    assert not led.check("b", source="Fig. 2", paper="p", ours=0.4, relation=">", target=0.5).held
+    assert not led.check("c", source="Sec. 3", paper="p", ours=float("nan"), relation="<=", target=1.0).held
+    assert led.check("d", source="abstract", paper="p", ours=1.05, relation="~=", target=1.0, tol=0.1,
+                     paper_value=1.0).held
     with pytest.raises(ValueError, match="'!='.*>="):
-        led.check("e", paper="p", ours=1, relation="!=", target=1)
+        led.check("e", source="Table 1", paper="p", ours=1, relation="!=", target=1)
     with pytest.raises(ValueError, match="twice"):
-        led.check("a", paper="p", ours=1, relation=">=", target=0)
+        led.check("a", source="Table 1", paper="p", ours=1, relation=">=", target=0)
+    with pytest.raises(ValueError, match="needs source="):
+        led.check("f", source=" ", paper="p", ours=1, relation=">=", target=0)
     led.finish()
     saved = json.loads((tmp_path / "24-adamp.json").read_text())
     assert [c["held"] for c in saved["claims"]] == [True, False, False, True]
+    assert saved["claims"][3]["paper_value"] == 1.0 and saved["claims"][1]["source"] == "Fig. 2"
     assert saved["mode"] == "quick" and "wall_s" in saved
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
-    assert "2/4 claims held" in led.summary()
+    assert "2/4 paper claims held" in led.summary()
 
 
-def test_atomic_write_leaves_old_file_on_failure(tmp_path):
-    path = tmp_path / "x.json"
-    claims.write_json_atomic(path, {"a": 1})
-    with pytest.raises(TypeError):
-        claims.write_json_atomic(path, {"a": object()})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+def test_better_is_strict_paired_and_reports_the_floor():
+    led = claims.Ledger(24, mode="quick", seed=0)
+    tie = led.better("tie", source="Table 2", paper="p", method=[0.8, 0.8, 0.9], baseline=[0.8, 0.8, 0.9])
+    assert not tie.held and tie.status == "not held"                      # a tie is never a win
+    small = led.better("noisy", source="Table 2", paper="p", method=[0.9, 0.5, 0.9], baseline=[0.6, 0.7, 0.6])
+    assert small.ours > 0 and not small.held                              # inside 2 standard errors
+    clear = led.better("clear", source="Table 2", paper="p", method=[0.9, 0.91, 0.92], baseline=[0.5, 0.5, 0.52])
+    assert clear.held and clear.margin > 0 and "wins 3/3" in clear.note
+    low = led.better("lower loss", source="Fig. 1", paper="p", method=[1.0, 1.1], baseline=[2.0, 2.2], higher=False)
+    assert low.held and low.ours > 0
+    floor = led.better("floor", source="Table 3", paper="p", method=[0.02, 0.03], baseline=[0.0, 0.01], floor=0.05)
+    assert floor.status == "inconclusive" and not floor.held
+    ctrl = led.check("control", source=claims.CONTROL, paper="-", ours=1.0, relation=">", target=0.0)
+    assert ctrl.control and "1/1 controls" in led.summary() and "2/5 paper claims held" in led.summary()
+    table = led.frame(sweep=None)
+    assert "inconclusive" in set(table["held"]) and table["claim"].iloc[-1] == "control (control)"
 
 
-# ------------------------------------------------------------------------------------------------ registry
+def test_fmt_three_significant_digits():
+    assert claims.fmt(0.2125514903028) == "0.213" and claims.fmt(2.0) == "2" and claims.fmt(12345.6) == "1.23e+04"
+    assert claims.fmt(float("nan")) == "nan" and claims.fmt(True) == "True"
+
 def _entry(tmp_path, payload: bytes, digest: str):
     src = tmp_path / "src.bin"
     src.write_bytes(payload)
