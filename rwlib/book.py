@@ -1,12 +1,15 @@
 """Build the HTML book from notebooks the runner already executed (the book never executes them again).
 
 The build stages a copy of the book's sources in ``_build/src``, puts the executed chapter notebooks in
-place of the committed ones, writes the scorecard page from their ledgers and runs Jupyter Book 1.x with
-warnings as errors (``execute_notebooks: off`` in ``_config.yml``).
+place of the committed ones (with the cell papermill injected hidden: see :func:`hide_injected_parameters`),
+writes the scorecard page from their ledgers and runs Jupyter Book 1.x with warnings as errors
+(``execute_notebooks: off`` in ``_config.yml``). MathJax is served from the built book itself
+(``sphinx-mathjax-offline`` in ``_config.yml``), so the pages render their equations with no network.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -113,6 +116,26 @@ def scorecard(ledgers: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+INJECTED_TAG = "injected-parameters"  # papermill's tag on the cell it adds after the ``parameters`` cell
+HIDE_TAG = "remove-cell"  # Jupyter Book 1.x leaves a cell with this tag out of the HTML, input and output
+
+
+def hide_injected_parameters(nb: dict) -> int:
+    """Tag the cells papermill injected (``# Parameters``: the run's ``mode`` and ``seed``) ``remove-cell``.
+
+    The reader sees the chapter's own ``parameters`` cell; the injected one repeats it with the run's values,
+    which the scorecard reports. Changes ``nb`` (a notebook as parsed JSON) in place; returns how many cells.
+    """
+    hidden = 0
+    for cell in nb.get("cells", []):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if INJECTED_TAG in tags:
+            hidden += 1
+            if HIDE_TAG not in tags:
+                tags.append(HIDE_TAG)
+    return hidden
+
+
 def stage(executed: Path, dest: Path, root: Path = ROOT) -> Path:
     """Copy the book's sources to ``dest`` with the executed notebooks and the generated scorecard."""
     if dest.exists():
@@ -130,7 +153,9 @@ def stage(executed: Path, dest: Path, root: Path = ROOT) -> Path:
         if not nb.exists() or not led.exists():
             missing.append(ch.stem)
             continue
-        shutil.copy2(nb, dest / ch.notebook)
+        notebook = json.loads(nb.read_text())
+        hide_injected_parameters(notebook)
+        (dest / ch.notebook).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
         ledgers.append(json.loads(led.read_text()))
     if missing:
         raise FileNotFoundError(f"no executed notebook/ledger in {executed} for: {', '.join(missing)}; "
@@ -141,6 +166,9 @@ def stage(executed: Path, dest: Path, root: Path = ROOT) -> Path:
 
 def build(executed: Path | str = "_build/executed", out: Path | str = "_build", root: Path = ROOT) -> Path:
     """Stage and build the HTML book; returns the path of ``index.html``'s folder."""
+    if importlib.util.find_spec("sphinx-mathjax-offline") is None:  # the extension's module has dashes
+        raise RuntimeError("the book needs the Sphinx extension sphinx-mathjax-offline (MathJax served offline, "
+                           "see _config.yml); install it: pip install sphinx-mathjax-offline")
     out = Path(out).resolve()
     src = stage(Path(executed).resolve(), out / "src", root)
     cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(src), "--path-output", str(out), "-W", "--keep-going"]

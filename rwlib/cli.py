@@ -6,12 +6,17 @@
     python -m rwlib book [same options as run]
 
 Bad input (an unknown chapter, mode or seed) is refused before anything runs, with the valid choices.
+Ctrl-C or SIGTERM stops the running chapters (papermill and their kernels), removes their partial notebooks
+and ledgers, and exits with 128 + the signal's number (130 or 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,8 +28,8 @@ class Refused(ValueError):
     pass
 
 
-def resolve_chapters(keys: list[str]) -> list[catalog.Chapter]:
-    written = catalog.written_chapters()
+def resolve_chapters(keys: list[str], root: Path | None = None) -> list[catalog.Chapter]:
+    written = catalog.written_chapters(root)
     valid = ", ".join(f"{c.number:02d} ({c.slug})" for c in written)
     if not keys:
         return written
@@ -34,7 +39,7 @@ def resolve_chapters(keys: list[str]) -> list[catalog.Chapter]:
             ch = catalog.chapter(k)
         except KeyError:
             raise Refused(f"unknown chapter {k!r}; valid: {valid}") from None
-        if not ch.written():
+        if not ch.written(root):
             raise Refused(f"chapter {ch.number:02d} ({ch.slug}) is not written yet; valid: {valid}")
         if ch not in chosen:
             chosen.append(ch)
@@ -54,7 +59,30 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--jobs", type=int, default=None, help="chapters at once (default: one per core)")
         s.add_argument("--threads", type=int, default=None, help="torch threads per chapter (default cores/jobs)")
         s.add_argument("--out", default="_build/executed", help="where executed notebooks and ledgers go")
+        # A book tree other than this checkout whose notebooks run instead (tests point it at stand-in notebooks).
+        s.add_argument("--root", default=None, help=argparse.SUPPRESS)
     return p
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it shuts the run down exactly as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While the body runs, SIGTERM raises :class:`Terminated` in the main thread (then the old handler returns)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,15 +109,25 @@ def main(argv: list[str] | None = None) -> int:
             raise Refused(f"bad --jobs {args.jobs}: expected an integer >= 1")
         if args.threads is not None and args.threads < 1:
             raise Refused(f"bad --threads {args.threads}: expected an integer >= 1")
-        chapters = resolve_chapters(args.chapters)
+        root = Path(args.root).resolve() if args.root else None
+        if root is not None and not (root / "book").is_dir():
+            raise Refused(f"bad --root {args.root!r}: no book/ folder there")
+        chapters = resolve_chapters(args.chapters, root)
     except Refused as e:
         print(f"python -m rwlib {args.command}: {e}", file=sys.stderr)
         return 2
     from . import runner
 
     t0 = time.perf_counter()
-    results = runner.run(chapters, mode=args.mode, seed=seed, jobs=args.jobs, out=Path(args.out),
-                         threads=args.threads)
+    try:
+        with _sigterm_as_interrupt():
+            results = runner.run(chapters, mode=args.mode, seed=seed, jobs=args.jobs, out=Path(args.out),
+                                 threads=args.threads, root=root)
+    except KeyboardInterrupt as e:
+        sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"python -m rwlib {args.command}: {sig.name} after {time.perf_counter() - t0:.1f} s: stopped the "
+              f"running chapters and removed their partial notebooks and ledgers from {args.out}", file=sys.stderr)
+        return 128 + sig
     failed = [r for r in results if not r.ok]
     print(f"{len(results) - len(failed)}/{len(results)} chapters ran without error in "
           f"{time.perf_counter() - t0:.1f} s; executed notebooks and ledgers in {args.out}")
@@ -98,6 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "book":
         from . import book
 
-        html = book.build(Path(args.out))
+        html = book.build(Path(args.out), root=root or catalog.ROOT)
         print(f"book built: {html / 'index.html'}")
     return 0

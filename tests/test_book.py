@@ -54,6 +54,48 @@ def test_chapter_contract(ch):
     assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code"), "commit chapters without outputs"
 
 
+MAX_CODE_LINE = 100
+
+
+@pytest.mark.xfail(strict=False, reason="chapters being shortened")
+def test_chapter_code_lines_fit_the_page():
+    """No code line of a chapter is longer than the rendered code cell shows without scrolling."""
+    long = []
+    for ch in CHAPTERS:
+        nb = json.loads((ROOT / ch.notebook).read_text())
+        for i, cell in enumerate(nb["cells"]):
+            if cell["cell_type"] != "code":
+                continue
+            for n, line in enumerate("".join(cell["source"]).splitlines(), 1):
+                if len(line) > MAX_CODE_LINE:
+                    long.append(f"{ch.stem} cell {i} line {n}: {len(line)} characters")
+    assert not long, f"code lines over {MAX_CODE_LINE} characters:\n" + "\n".join(long)
+
+
+def test_injected_parameters_cell_is_hidden():
+    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "mode = 'auto'"},
+                    {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": "# Parameters"},
+                    {"cell_type": "markdown", "metadata": {}, "source": "text"}]}
+    assert book.hide_injected_parameters(nb) == 1
+    assert [c["metadata"].get("tags") for c in nb["cells"]] == [
+        ["parameters"], ["injected-parameters", "remove-cell"], None]
+
+
+def _check_html(html: Path) -> None:
+    """Every page loads MathJax (if at all) from the built book itself, and none shows papermill's injected cell."""
+    mathjax = []
+    for page in html.rglob("*.html"):
+        text = page.read_text()
+        for src in re.findall(r'<script[^>]*\ssrc="([^"]*mathjax[^"]*)"', text, re.I):
+            assert not re.match(r"(https?:)?//", src), f"{page.relative_to(html)} loads MathJax from the network: {src}"
+            local = page.parent / re.split(r"[?#]", src)[0]  # Sphinx may append ?v=<checksum>
+            assert local.resolve().is_file(), f"{page.relative_to(html)}: MathJax {src} is not in the build"
+            mathjax.append(page)
+        assert "# Parameters" not in text and "injected-parameters" not in text, \
+            f"{page.relative_to(html)} shows the cell papermill injected"
+    assert mathjax, "no page loads MathJax (the chapters have equations)"
+
+
 def test_book_builds_from_executed_chapters(executed, tmp_path):
     """The HTML book builds, warnings as errors, from the notebooks the chapter test executed (no re-run)."""
     assert all(r.ok for r in executed.values()), "a chapter failed; see test_chapters"
@@ -66,3 +108,4 @@ def test_book_builds_from_executed_chapters(executed, tmp_path):
         assert page.exists()
         assert ch.slug in score
     assert "claims held" in score
+    _check_html(html)
