@@ -106,11 +106,12 @@ def clipped_pg_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tenso
     if token_weights is not None:
         per = per * token_weights
     loss = aggregate(per, mask, agg, max_len, normalizer)
-    with torch.no_grad():
-        m = mask.bool()
-        low = ((ratio < 1 - eps_low) & (adv < 0))[m].float().mean() if m.any() else torch.tensor(0.0)
-        high = ((ratio > 1 + eps_high) & (adv > 0))[m].float().mean() if m.any() else torch.tensor(0.0)
-    return loss, {"clip_low": low.item(), "clip_high": high.item()}
+    with torch.no_grad():  # clip fractions over the masked tokens, as tensors: no host sync per call
+        m = mask.to(ratio.dtype)
+        n = m.sum().clamp(min=1.0)
+        low = (((ratio < 1 - eps_low) & (adv < 0)).to(m.dtype) * m).sum() / n
+        high = (((ratio > 1 + eps_high) & (adv > 0)).to(m.dtype) * m).sum() / n
+    return loss, {"clip_low": low, "clip_high": high}
 
 
 def sft_loss(token_logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, entropy_coef: float = 0.0
