@@ -182,10 +182,11 @@ def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, steps: int, batch
         loss_fn: Callable = per_sample_ce, weight_fn: Callable | None = None, augment: Callable | None = None,
         eval_data: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 0,
         on_step: Callable[[int, nn.Module], dict] | None = None, ema: ModelEMA | None = None,
-        perturb: Callable | None = None, desc: str = "fit") -> History:
+        perturb: Callable | None = None, side: torch.Tensor | None = None, desc: str = "fit") -> History:
     """Supervised training with per-sample losses and an optional per-sample weighting hook.
 
-    - ``loss_fn(logits, y)`` returns one loss per sample (default: cross-entropy).
+    - ``loss_fn(logits, y)`` returns one loss per sample (default: cross-entropy); with ``side`` (per-sample data
+      beside the labels, e.g. a teacher's logits for distillation) it is called as ``loss_fn(logits, y, side[idx])``.
     - ``weight_fn(losses, idx, step)`` gets the detached per-sample losses and the batch's dataset indices and
       returns per-sample weights; the minimised loss is ``mean(weights * losses)`` (plain mean without it).
     - ``augment(x, generator)`` transforms a batch; ``on_step(step, model)`` returns extra metrics to record
@@ -206,7 +207,7 @@ def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, steps: int, batch
         if perturb is not None:
             xb = perturb(model, xb, yb, generator)
         logits = model(xb)
-        losses = loss_fn(logits, yb)
+        losses = loss_fn(logits, yb) if side is None else loss_fn(logits, yb, side[idx].to(device))
         if weight_fn is not None:
             w = weight_fn(losses.detach(), idx, t)
             loss = (w * losses).mean()

@@ -203,3 +203,19 @@ def test_kendall_tau_matches_scipy():
     for i in range(5):
         assert float(ours[i]) == pytest.approx(stats.kendalltau(a[i].numpy(), b[i].numpy()).statistic, abs=1e-6)
     assert torch.allclose(distill.kendall_tau(a, a), torch.ones(5))
+
+
+def test_fit_hands_per_sample_side_data_to_the_loss():
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 12), torch.randint(0, 3, (40,))
+    teacher = torch.randn(40, 3)
+    seen = []
+
+    def loss_fn(logits, yb, t):
+        seen.append(t.shape)
+        return distill.kd_loss(logits, t, yb, T=2.0, lam=0.5, reduction="none")
+
+    model = _mlp().train()
+    train.fit(model, X, y, steps=3, batch_size=8, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+              generator=torch.Generator().manual_seed(0), loss_fn=loss_fn, side=teacher)
+    assert seen == [torch.Size([8, 3])] * 3
