@@ -132,8 +132,9 @@ class DONEWeights:
 
     ``fit`` minimises ``mean(w * losses)``; the weights returned are ``|B|`` times those of (E4)/(E5), so the
     minimised loss is ``sum_B w_i l_i`` exactly as in the paper, and ``r = math.inf`` is plain PGD-AT.
-    Each call appends ``{"step", "ess", "sum_w"}`` (effective sample size as a fraction of the batch, and
-    ``sum_B w_i`` of (E4)/(E5)) to :attr:`trace`; :attr:`last` keeps the last weights of (E4)/(E5)."""
+    Each call appends ``{"step", "ess", "sum_w", "loss"}`` (effective sample size as a fraction of the batch,
+    ``sum_B w_i`` of (E4)/(E5), mean adversarial loss) to :attr:`trace`; :attr:`last` keeps the last weights
+    of (E4)/(E5)."""
 
     def __init__(self, r: float, normalizer: str = "batch", beta: float = 0.5):
         if normalizer not in ("batch", "ema"):
@@ -155,7 +156,7 @@ class DONEWeights:
         w = self.weights(losses)
         self.last = w
         self.trace.append({"step": int(step), "ess": effective_sample_size(w) / w.numel(),
-                           "sum_w": float(w.sum())})
+                           "sum_w": float(w.sum()), "loss": float(losses.mean())})
         return w * w.numel()
 
 
