@@ -437,7 +437,8 @@ def test_distribution_alignment_starts_at_zeros_and_aligns_fully_from_the_first_
 
     da = DistributionAlignment(4, queue_len=32)
     assert torch.equal(da.queue, torch.zeros(32, 4))
-    p = torch.softmax(torch.tensor([[2.0, 0.5, 0.1, -1.0]]).repeat(8, 1) + 0.3 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), 1)
+    noise = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(torch.tensor([[2.0, 0.5, 0.1, -1.0]]).repeat(8, 1) + 0.3 * noise, 1)
     q = da(p)
     expect = p / p.mean(0)
     assert torch.allclose(q, expect / expect.sum(1, keepdim=True), atol=1e-6)
