@@ -44,6 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()   # the commit the run starts from
     R = REGIME
     digits = data.load("digits")
     split = data.few_label_split(digits, R["labels_per_class"], R["n_test"],
@@ -75,8 +77,6 @@ def main() -> None:
                                     "by_seed": [g[g.seed == s].sort_values("step").value.astype(float).tolist()
                                                 for s in repeats]}
                               for arm, g in sub.groupby("arm")}
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "rwlib"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip())
     out = {
