@@ -40,10 +40,15 @@ def fixmatch_losses(logits_x: torch.Tensor, y: torch.Tensor, probs_w: torch.Tens
 
 class DistributionAlignment:
     """p <- normalise(p / mean of the last ``queue_len`` batch-mean predictions) (ReMixMatch-style, as in
-    SimMatch/ShrinkMatch's CIFAR code). The queue is updated with the batch mean *before* alignment."""
+    SimMatch/ShrinkMatch's CIFAR code). The queue is updated with the batch mean *before* alignment.
+
+    The queue starts at zeros, as in the official code (``CIFAR/network/shrinkmatch.py``, ``DA_queue``): the
+    empty rows add nothing to the mean, only a common scale that the renormalisation removes, so alignment is
+    full from the first step (the first batch is divided by its own mean). A queue started at the uniform
+    1/C would weaken alignment until it has been filled once."""
 
     def __init__(self, num_classes: int, queue_len: int = 32):
-        self.queue = torch.full((queue_len, num_classes), 1.0 / num_classes)
+        self.queue = torch.zeros(queue_len, num_classes)
         self.ptr = 0
 
     @torch.no_grad()
@@ -82,8 +87,9 @@ def train_ssl(split: FewLabelSplit, cfg: SSLConfig, seed: int, extra: nn.Module 
               desc: str = "ssl", device: str | torch.device = "cpu") -> tuple[History, nn.Module]:
     """Train FixMatch (or the supervised reference, ``cfg.unsupervised=False``) on a few-label split.
 
-    ``extra``, when given, is a module called as ``extra(feats_s, probs_w, mask, step) -> (loss, metrics)``
-    on the strong-view features of the unlabeled batch; its parameters are trained too and its loss is added
+    ``extra``, when given, is a module called as ``extra(feats_s, probs_w, mask, step, logits_s) -> (loss,
+    metrics)`` on the strong-view features of the unlabeled batch (``logits_s``: the main head's strong-view
+    logits, for variants without a head of their own); its parameters are trained too and its loss is added
     (times ``lambda_u``). Labeled, weak and strong views go through the network in one forward pass, so
     BatchNorm sees them together. Returns the history (EMA test accuracy, mask ratio, ...) and the EMA model.
     The networks train on ``device``; the data stay where they are and the augmentations draw from a CPU
@@ -128,7 +134,7 @@ def train_ssl(split: FewLabelSplit, cfg: SSLConfig, seed: int, extra: nn.Module 
         loss = L_x + cfg.lambda_u * L_u
         out = {"mask_ratio": mask.mean(), "utilisation": mask.mean()}
         if extra is not None:
-            L_e, m = extra(feats[n_l + n_u:], probs, mask.bool(), t)
+            L_e, m = extra(feats[n_l + n_u:], probs, mask.bool(), t, logits_s)
             loss = loss + cfg.lambda_u * L_e
             out.update(m)
         out["loss"] = loss

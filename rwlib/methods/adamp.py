@@ -28,9 +28,12 @@ Key equations (numbers are referred to in the comments of the code below)
      accumulated momentum adds a radial (norm-increasing) term on top of (E2).
 
 (E4) Effective step size. For a scale-invariant loss only ``w_hat = w / ||w||`` matters and a
-     step ``-eta g`` moves ``w_hat`` by about ``-eta g / ||w||``, while ``g`` itself scales as
-     ``1 / ||w||`` (E1); the step on the unit sphere is therefore ``eta / ||w||^2``. Norm
-     growth (E2, E3) shrinks this effective step size prematurely.
+     step ``-eta u`` moves ``w_hat`` by about ``-eta u / ||w||``. For SGD ``u = g`` and ``g``
+     itself scales as ``1 / ||w||`` (E1), so the step on the unit sphere is ``eta / ||w||^2``.
+     Adam's update ``m_hat / (sqrt(v_hat) + eps)`` does not scale with the gradient (the
+     ``1 / ||w||`` cancels between numerator and denominator), so for Adam-type optimizers the
+     step on the sphere is ``eta / ||w||``. Either way, norm growth (E2, E3) shrinks the
+     effective step size prematurely.
 
 (E5) Projection. Remove the radial component of the optimizer's update ``p``:
      ``Pi_w(p) = p - w_hat (w_hat · p)``, with ``w_hat = w / (||w|| + eps)``, row by row in
@@ -86,6 +89,7 @@ __all__ = [
     "make_optimizer",
     "toy_loss",
     "norm_monitor",
+    "is_adaptive",
 ]
 
 
@@ -366,15 +370,20 @@ def weight_norms(params: Iterable[Union[torch.Tensor, tuple[str, torch.Tensor]]]
     return torch.stack([t.detach().to(torch.float64).norm() for t in tensors])  # ||w||_2
 
 
-def effective_step_size(lr: Union[float, torch.Tensor], norms: Union[float, torch.Tensor]) -> torch.Tensor:
-    """Effective step size ``lr / ||w||^2`` of a scale-invariant weight (E4).
+def effective_step_size(lr: Union[float, torch.Tensor], norms: Union[float, torch.Tensor],
+                        adaptive: bool = False) -> torch.Tensor:
+    """Effective step size of a scale-invariant weight (E4): ``lr / ||w||^2`` for SGD-type updates,
+    ``lr / ||w||`` for Adam-type (``adaptive=True``) updates.
 
     For a scale-invariant loss only the direction ``w / ||w||`` matters; a gradient step of
     size ``lr`` moves that direction by ``lr / ||w||^2`` times the gradient taken on the unit
-    sphere. ``norms`` may be a scalar or a tensor (e.g. from :func:`weight_norms`).
+    sphere. Adam's update does not scale with the gradient, so its step moves the direction by
+    ``lr / ||w||`` times an update of fixed size. ``norms`` may be a scalar or a tensor (e.g.
+    from :func:`weight_norms`).
     """
     norms_t = torch.as_tensor(norms, dtype=torch.float64)
-    return torch.as_tensor(lr, dtype=torch.float64) / norms_t.pow(2)  # (E4) lr / ||w||^2
+    lr_t = torch.as_tensor(lr, dtype=torch.float64)
+    return lr_t / norms_t if adaptive else lr_t / norms_t.pow(2)  # (E4) lr/||w|| (Adam), lr/||w||^2 (SGD)
 
 
 def radial_component(update: torch.Tensor, w: torch.Tensor, view: str = "channel",
@@ -400,10 +409,12 @@ OPTIMIZERS = ("SGD", "SGDP", "AdamW", "AdamP")
 
 def make_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
                    nesterov: bool = True) -> Optimizer:
-    """One of :data:`OPTIMIZERS` with the same hyperparameters, so only the projection differs in a pair.
+    """One of :data:`OPTIMIZERS` with the same hyperparameters.
 
     SGD and AdamW are torch's; SGDP and AdamP are this module's. SGD pairs use ``momentum`` and
-    ``nesterov``; Adam pairs use betas (0.9, 0.999) and decoupled weight decay.
+    ``nesterov``; Adam pairs use betas (0.9, 0.999) and decoupled weight decay. A pair differs in the
+    projection and in the decay (E7): the projected optimizers decay a projected weight ``wd_ratio`` (0.1)
+    times as much, and torch's SGD couples its decay to the gradient where SGDP decouples it.
     """
     params = list(params)
     if name == "SGD":
@@ -428,14 +439,23 @@ def toy_loss(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 def norm_monitor(model: nn.Module, optimizer: Optimizer) -> Callable[[int, nn.Module], dict]:
     """The mechanism measures of the paper's weight-norm figures, as an ``on_step`` hook for
     :func:`rwlib.train.fit`: the mean relative norm ``||w_t|| / ||w_0||`` of the model's scale-invariant weights
-    (:func:`scale_invariant_params`, ``w_0`` taken now) and their mean effective step size ``lr_t / ||w_t||^2``
-    (E4), with ``lr_t`` the first param group's current learning rate."""
+    (:func:`scale_invariant_params`, ``w_0`` taken now) and their mean effective step size (E4), ``lr_t / ||w_t||``
+    for Adam-type optimizers (:func:`is_adaptive`) and ``lr_t / ||w_t||^2`` otherwise, with ``lr_t`` the first
+    param group's current learning rate."""
     inv = [p for _, p in scale_invariant_params(model)]
     norm0 = weight_norms(inv)
+    adaptive = is_adaptive(optimizer)
 
     def on_step(t, m):
         norms = weight_norms(inv)
         lr_t = optimizer.param_groups[0]["lr"]
-        return {"rel_norm": (norms / norm0).mean(), "eff_step": effective_step_size(lr_t, norms).mean()}
+        return {"rel_norm": (norms / norm0).mean(),
+                "eff_step": effective_step_size(lr_t, norms, adaptive).mean()}
 
     return on_step
+
+
+def is_adaptive(optimizer: Optimizer) -> bool:
+    """True for Adam-type optimizers (torch's Adam/AdamW, :class:`AdamP`), whose update does not scale with the
+    gradient, so that their effective step size on a scale-invariant weight is ``lr / ||w||`` (E4)."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, AdamP))

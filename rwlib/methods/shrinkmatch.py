@@ -80,6 +80,7 @@ __all__ = [
     "CertainRatioEMA",
     "utilisation",
     "ShrinkMatchLoss",
+    "ABLATIONS",
 ]
 
 
@@ -191,6 +192,8 @@ def shrink_loss(
     logits_aux_s: Tensor,
     tau: float,
     certain_mask: Tensor | None = None,
+    sample_weight: bool = True,
+    soft: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Reweighted shrunk consistency loss over one unlabeled batch (E5, E6, and the 1/(mu B) of E8).
 
@@ -201,6 +204,11 @@ def shrink_loss(
     tau : threshold in (0, 1].
     certain_mask : (B,) bool, optional. Samples with True are handled by the FixMatch loss and
         excluded here. Defaults to ``probs_w.max(1) >= tau``.
+    sample_weight : reweighting principle 1 (E6). False is the paper's ablation without it:
+        ``omega_b = 1[valid_b]`` (the validity gate stays; it is part of the shrink, not a weight).
+    soft : False (the paper's choice) uses the hard target ``k_(1)`` (E5); True is the paper's
+        soft-label ablation: the target is ``p_b`` renormalised over ``S_b``,
+        ``ell_b = -sum_{k in S_b} q_bk log softmax_{S_b}(g)_k`` with ``q_bk = p_bk / sum_{S_b} p``.
 
     Returns
     -------
@@ -237,9 +245,17 @@ def shrink_loss(
     z = logits_aux_s.gather(1, res.sort_idx)
     z_kept = z.masked_fill(~res.keep_sorted, float("-inf"))
     # (E5) ell_b = logsumexp_{S_b} z - z_(1)   (CE over S_b with target k_(1))
-    ell = torch.logsumexp(z_kept, dim=1) - z[:, 0]
-    # (E6) omega_b = max_k p_bk * 1[valid_b], restricted to uncertain samples
-    weight = torch.where(use, max_p, torch.zeros_like(max_p))
+    lse = torch.logsumexp(z_kept, dim=1)
+    ell = lse - z[:, 0]
+    if soft:
+        # ablation: soft target q = p restricted to S_b and renormalised; CE over S_b
+        p_sorted = probs.gather(1, res.sort_idx)
+        q = torch.where(res.keep_sorted, p_sorted, torch.zeros_like(p_sorted))
+        q = q / q.sum(1, keepdim=True)
+        logq = torch.where(res.keep_sorted, z - lse.unsqueeze(1), torch.zeros_like(z))
+        ell = -(q.to(z.dtype) * logq).sum(1)
+    # (E6) omega_b = max_k p_bk * 1[valid_b], restricted to uncertain samples (1[valid_b] without principle 1)
+    weight = torch.where(use, max_p if sample_weight else torch.ones_like(max_p), torch.zeros_like(max_p))
     # (E6) weighted per-sample terms; where() keeps excluded rows exactly 0 (and NaN-free)
     per_sample = torch.where(use, weight.to(ell.dtype) * ell, torch.zeros_like(ell))
     # (E8) normalise by the full unlabeled batch size, not by the number of uncertain samples
@@ -350,21 +366,46 @@ class ShrinkMatchLoss(nn.Module):
     the metrics the chapter plots. It owns the auxiliary head ``g`` (trained through this loss only, as in
     the official code) and the EMA of the certain ratio, ``lambda_t``, which is never reset (TorchSSL's
     choice; the official CIFAR loop restarts it every 1024-iteration epoch).
+
+    The switches are the paper's ablations (:data:`ABLATIONS`): ``sample_weight`` (principle 1, E6),
+    ``progress_weight`` (principle 2, E7; off means ``lambda_t = 1``), ``aux_head`` (off: the shrunk loss is
+    computed on the main head's strong-view logits ``logits_s``) and ``soft`` (soft shrunk targets).
     """
 
     def __init__(self, feat_dim: int, num_classes: int, tau: float = 0.95, ema_momentum: float = 0.999,
-                 hidden: Optional[int] = None):
+                 hidden: Optional[int] = None, *, sample_weight: bool = True, progress_weight: bool = True,
+                 aux_head: bool = True, soft: bool = False):
         super().__init__()
-        self.aux = AuxHead(feat_dim, num_classes, hidden)
+        self.aux = AuxHead(feat_dim, num_classes, hidden) if aux_head else None
         self.tau = tau
         self.lam = CertainRatioEMA(ema_momentum)
+        self.sample_weight, self.progress_weight, self.soft = sample_weight, progress_weight, soft
 
-    def forward(self, feats_s: torch.Tensor, probs_w: torch.Tensor, certain: torch.Tensor, step: int = 0):
-        lam = self.lam.update(certain)  # lambda_t: EMA of the certain ratio (principle 2)
-        loss, _, info = shrink_loss(probs_w, self.aux(feats_s), self.tau, certain)
-        return lam * loss, {
+    def forward(self, feats_s: torch.Tensor, probs_w: torch.Tensor, certain: torch.Tensor, step: int = 0,
+                logits_s: torch.Tensor | None = None):
+        lam = self.lam.update(certain)  # lambda_t: EMA of the certain ratio (principle 2, E7)
+        if self.aux is not None:
+            z = self.aux(feats_s)
+        elif logits_s is None:
+            raise ValueError("ShrinkMatchLoss(aux_head=False) needs the main head's strong-view logits_s")
+        else:
+            z = logits_s
+        loss, _, info = shrink_loss(probs_w, z, self.tau, certain, self.sample_weight, self.soft)
+        weight = lam if self.progress_weight else 1.0  # (E8) lambda_t * L_shrink; 1 without principle 2
+        return weight * loss, {
             "utilisation": utilisation(certain, info["valid"]),
             "shrunk_valid": info["valid"].float().mean().item(),
             "lambda": lam,
             "n_removed": info["n_removed"][~certain].float().mean().item() if (~certain).any() else float("nan"),
         }
+
+
+#: The paper's ablations of the shrunk loss (Table 8: the reweighting principles; Table 9: the auxiliary head
+#: and soft labels), as :class:`ShrinkMatchLoss` switches; ShrinkMatch itself is ``{}``.
+ABLATIONS = {
+    "no reweighting": dict(sample_weight=False, progress_weight=False),
+    "principle 1 only": dict(progress_weight=False),
+    "principle 2 only": dict(sample_weight=False),
+    "no aux head": dict(aux_head=False),
+    "soft shrunk labels": dict(soft=True),
+}

@@ -230,6 +230,8 @@ def test_weight_norms_and_effective_step_size():
     assert torch.allclose(norms, torch.tensor([5.0, 3.0], dtype=torch.float64))
     ess = effective_step_size(0.9, norms)
     assert torch.allclose(ess, torch.tensor([0.9 / 25, 0.9 / 9], dtype=torch.float64))
+    ess_adam = effective_step_size(0.9, norms, adaptive=True)  # (E4) Adam: lr / ||w||
+    assert torch.allclose(ess_adam, torch.tensor([0.9 / 5, 0.9 / 3], dtype=torch.float64))
     assert weight_norms([]).numel() == 0
 
 
@@ -335,3 +337,23 @@ def test_norm_monitor_starts_at_one_and_reports_lr_over_norm_squared():
         for _, p in scale_invariant_params(m):
             p.mul_(2.0)
     assert float(hook(1, m)["rel_norm"]) == pytest.approx(2.0)
+
+
+def test_adam_angular_step_scales_as_lr_over_norm_and_sgd_as_lr_over_norm_squared():
+    """(E4) on the toy: one step's angle. Scaling w by c leaves Adam's first step's length unchanged (angle ~ 1/c)
+    and divides the gradient by c (SGD's angle ~ 1/c^2)."""
+    from rwlib.methods.adamp import is_adaptive, toy_loss
+
+    def angle(name, c):
+        w = nn.Parameter(c * torch.tensor([[0.6, 0.8]], dtype=torch.float64))
+        opt = (torch.optim.SGD([w], lr=1e-3) if name == "SGD" else torch.optim.Adam([w], lr=1e-3))
+        w0 = w.detach().clone()
+        toy_loss(w, torch.tensor(2.0, dtype=torch.float64)).backward()
+        opt.step()
+        return float(torch.acos((w0 @ w.detach().T).squeeze() / (w0.norm() * w.detach().norm())))
+
+    assert angle("SGD", 1.0) / angle("SGD", 4.0) == pytest.approx(16.0, rel=1e-3)
+    assert angle("Adam", 1.0) / angle("Adam", 4.0) == pytest.approx(4.0, rel=1e-3)
+    assert is_adaptive(torch.optim.AdamW([nn.Parameter(torch.zeros(1))]))
+    assert is_adaptive(AdamP([nn.Parameter(torch.zeros(1))]))
+    assert not is_adaptive(SGDP([nn.Parameter(torch.zeros(1))], lr=0.1))

@@ -371,3 +371,74 @@ def test_bad_input_raises_value_error():
         AuxHead(2, 3)  # d // 4 == 0
     with pytest.raises(ValueError, match=r"\(3,\)"):
         utilisation(torch.zeros(3, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's ablations (Tables 8-9) as ShrinkMatchLoss switches, and distribution alignment
+# --------------------------------------------------------------------------------------------
+def _batch(B=64, C=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(3 * torch.randn(B, C, generator=g, dtype=torch.float64), 1)
+    z = torch.randn(B, C, generator=g, dtype=torch.float64)
+    return p, z
+
+
+def test_ablation_no_sample_weight_uses_the_validity_gate_only():
+    p, z = _batch()
+    _, per_w, info = shrink_loss(p, z, TAU)
+    _, per_1, info_1 = shrink_loss(p, z, TAU, sample_weight=False)
+    use = info["valid"]
+    assert torch.equal(info_1["weight"], use.to(p.dtype))  # omega_b = 1[valid_b]
+    assert torch.allclose(per_1[use] * p.max(1).values[use], per_w[use])
+    assert torch.all(per_1[~use] == 0)
+
+
+def test_ablation_soft_shrunk_labels_match_a_direct_computation():
+    p, z = _batch(B=32, C=6, seed=1)
+    loss, per, info = shrink_loss(p, z, TAU, soft=True)
+    res = shrink_class_space(p, TAU)
+    keep = res.keep_mask()
+    for b in range(len(p)):
+        if not info["valid"][b]:
+            assert per[b] == 0
+            continue
+        q = p[b][keep[b]] / p[b][keep[b]].sum()
+        expect = -(q * torch.log_softmax(z[b][keep[b]], 0)).sum() * p[b].max()
+        assert torch.allclose(per[b], expect)
+    assert torch.isclose(loss, per.sum() / len(p))
+
+
+def test_shrinkmatch_loss_switches():
+    from rwlib.methods.shrinkmatch import ABLATIONS, ShrinkMatchLoss
+
+    p, z = _batch(B=16)
+    certain = p.max(1).values >= TAU
+    feats = torch.randn(16, 8, dtype=torch.float64)
+    full = ShrinkMatchLoss(8, 10).double()
+    no_lam = ShrinkMatchLoss(8, 10, progress_weight=False).double()
+    no_lam.aux.load_state_dict(full.aux.state_dict())
+    L, m = full(feats, p, certain)
+    L1, _ = no_lam(feats, p, certain)
+    assert torch.allclose(L, m["lambda"] * L1)  # principle 2 off: lambda_t = 1
+    no_aux = ShrinkMatchLoss(8, 10, aux_head=False)
+    assert no_aux.aux is None and not list(no_aux.parameters())
+    L2, _ = no_aux(feats, p, certain, 0, z)
+    assert torch.allclose(L2, m["lambda"] * shrink_loss(p, z, TAU, certain)[0])
+    with pytest.raises(ValueError, match="logits_s"):
+        no_aux(feats, p, certain)
+    assert set(ABLATIONS) == {"no reweighting", "principle 1 only", "principle 2 only", "no aux head",
+                              "soft shrunk labels"}
+
+
+def test_distribution_alignment_starts_at_zeros_and_aligns_fully_from_the_first_step():
+    """The official queue starts at zeros (CIFAR/network/shrinkmatch.py): the first batch is divided by its own
+    mean prediction, not by a mix of it and the uniform 1/C."""
+    from rwlib.ssl import DistributionAlignment
+
+    da = DistributionAlignment(4, queue_len=32)
+    assert torch.equal(da.queue, torch.zeros(32, 4))
+    noise = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(torch.tensor([[2.0, 0.5, 0.1, -1.0]]).repeat(8, 1) + 0.3 * noise, 1)
+    q = da(p)
+    expect = p / p.mean(0)
+    assert torch.allclose(q, expect / expect.sum(1, keepdim=True), atol=1e-6)
