@@ -178,3 +178,11 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
             tmp.write_text("partial")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_repeat_seeds_are_valid_distinct_and_do_not_overlap_across_chapter_seeds():
+    a, b = repro.repeat_seeds(0, 3), repro.repeat_seeds(1, 3)
+    assert len(set(a + b)) == 6 and all(0 <= s <= repro.MAX_SEED for s in a + b)
+    assert a == repro.repeat_seeds(0, 3) and repro.stream(a[0], "data") is not None
+    with pytest.raises(ValueError, match="repeats"):
+        repro.repeat_seeds(0, 0)
