@@ -37,22 +37,20 @@ Equations (numbers referred to in the code)
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from rwlib import pretrained, train
+from rwlib import train
 from rwlib.data import text
-from rwlib.models import TinyGPT
 from rwlib.rl.offline import QNet, Transitions, cql_loss, fit_cql, value_iteration  # noqa: F401  (E6)
 
 __all__ = ["SOURCE", "TARGET", "DOMAINS", "ACTIONS", "ACTION_NAMES", "action_index", "balanced_score",
            "make_state", "STATE_DIM", "domain_losses", "field_losses", "run_cpt", "Transitions",
-           "collect_trajectories", "QNet", "cql_loss", "fit_cql", "DataMixingAgent", "constant", "decaying_replay",
-           "random_policy", "BASELINES", "baseline", "pretrain_source", "deploy", "value_iteration"]
+           "transitions", "source_share", "QNet", "cql_loss", "fit_cql", "DataMixingAgent", "constant",
+           "decaying_replay", "random_policy", "BASELINES", "baseline", "value_iteration"]
 
 SOURCE = ("code", "prose", "grammar")
 TARGET = ("addition", "multiply")
@@ -204,23 +202,25 @@ def baseline(name: str, T: int) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------- trajectories
-def collect_trajectories(proxy: nn.Module, corpus, *, J: int, T: int, S: int, generator: torch.Generator,
-                         **cpt) -> tuple[Transitions, list[dict]]:
-    """(E5) J random-mixture trajectories, each from a fresh deep copy of the same source-pre-trained proxy and
-    a fresh optimizer; returns the transitions and the per-run records of :func:`run_cpt`."""
-    if J <= 0:
-        raise ValueError(f"bad J={J}: need at least one trajectory")
-    obs, act, rew, nxt, done, records = [], [], [], [], [], []
-    behaviour = random_policy(generator)
-    for _ in range(J):
-        rec = run_cpt(copy.deepcopy(proxy), corpus, behaviour, T=T, S=S, generator=generator, **cpt)
+def transitions(records: list[dict]) -> Transitions:
+    """(E5) the offline dataset of a list of :func:`run_cpt` records: one transition (s_t, a_t, r_t, s_{t+1},
+    done_t) per stage, ``done`` at each run's last stage."""
+    if not records:
+        raise ValueError("need at least one trajectory record")
+    obs, act, rew, nxt, done = [], [], [], [], []
+    for rec in records:
+        T = len(rec["actions"])
         for t in range(T):
             obs.append(rec["states"][t]); act.append(rec["actions"][t]); rew.append(rec["rewards"][t])
             nxt.append(rec["states"][t + 1]); done.append(float(t == T - 1))
-        records.append(rec)
-    data = Transitions(torch.stack(obs), torch.tensor(act), torch.tensor(rew, dtype=torch.float32),
+    return Transitions(torch.stack(obs), torch.tensor(act), torch.tensor(rew, dtype=torch.float32),
                        torch.stack(nxt), torch.tensor(done))
-    return data, records
+
+
+def source_share(actions) -> float:
+    """The mean share of source-field data in the batches of a run that picked ``actions`` (the paper's
+    "less source-field data")."""
+    return float(ACTIONS[list(actions)][:, :len(SOURCE)].sum(1).mean())
 
 
 class DataMixingAgent:
@@ -240,32 +240,3 @@ class DataMixingAgent:
     def next_mixture(self, state: torch.Tensor) -> dict[str, float]:
         """The mixture the agent picks in ``state``, as domain -> weight."""
         return dict(zip(DOMAINS, ACTIONS[self(state, 0)].tolist()))
-
-
-# ------------------------------------------------------------------------------------------- drivers
-def pretrain_source(corpus, *, n_layer: int, n_embd: int, steps: int, seed: int, batch: int = 32, block: int = 32,
-                    lr: float = 3e-3, device: str | torch.device = "cpu") -> TinyGPT:
-    """A TinyGPT pre-trained on the source field of ``corpus`` only (the book's recipe,
-    :func:`rwlib.pretrained.pretrain`): the starting point of every continual pre-training run (deep-copy it per
-    run)."""
-    return pretrained.pretrain({d: corpus.train[d] for d in SOURCE}, n_layer=n_layer, n_embd=n_embd, block=block,
-                               steps=steps, batch=batch, lr=lr, seed=seed, device=device,
-                               desc="source pre-training").train()
-
-
-def deploy(base: nn.Module, corpus, policies: dict[str, Callable], *, seeds, T: int, S: int,
-           **cpt) -> tuple[list[dict], dict]:
-    """Run every policy from a deep copy of ``base`` for each seed (the seed fixes the batches' generator, the
-    same for every policy). Returns one summary row per (policy, seed) and the full records by (policy, seed)."""
-    rows, records = [], {}
-    for s in seeds:
-        for name, pol in policies.items():
-            rec = run_cpt(copy.deepcopy(base), corpus, pol, T=T, S=S,
-                          generator=torch.Generator().manual_seed(10_000 + s), **cpt)
-            acts = ACTIONS[rec["actions"]]
-            rows.append({"policy": name, "seed": s, "balanced score": rec["score"],
-                         "source loss ratio": rec["src"][-1] / rec["src"][0],
-                         "target loss ratio": rec["tgt"][-1] / rec["tgt"][0],
-                         "source share": float(acts[:, :len(SOURCE)].sum(1).mean())})
-            records[(name, s)] = rec
-    return rows, records
