@@ -178,3 +178,22 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
             tmp.write_text("partial")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_sft_train_records_eval_fn_like_the_loop():
+    import torch
+
+    from rwlib.data.tasks import AdditionTask
+    from rwlib.data.text import TOKENIZER
+    from rwlib.finetune import sft_train
+    from rwlib.models import TinyGPT
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyGPT(TOKENIZER.vocab_size, 12, 1, 16, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    hist = sft_train(model, opt, AdditionTask(1, 1), 5, 4, torch.Generator().manual_seed(0),
+                     eval_fn=lambda: calls.append(1) or {"ev": float(len(calls))}, eval_every=2)
+    steps, vals = hist.series("ev")
+    assert steps.tolist() == [2, 4, 5] and vals.tolist() == [1.0, 2.0, 3.0]
