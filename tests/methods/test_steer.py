@@ -204,7 +204,3 @@ def test_bad_inputs_name_the_valid_values():
         steer.omega(adv, ent[:, :5], logp, old)
     with pytest.raises(ValueError, match=r"valid: logits.shape\[:-1\]"):
         steer.first_order_entropy_change(torch.zeros(4, 5), torch.zeros(3, dtype=torch.long), 1.0, 0.1)
-    with pytest.raises(ValueError, match=r"unknown method 'PPO'; valid: GRPO, clip-higher, entropy bonus, STEER"):
-        steer.method_config("PPO", GRPOConfig())
-    with pytest.raises(ValueError, match=r"valid 0 <= noise < 1"):
-        steer.noisy_problem_fn(AdditionTask(), 1.0)
