@@ -225,14 +225,14 @@ class PoolSampler:
         return out
 
 
-def make_pool(n_easy: int, n_hard: int, seed: int) -> list[Problem]:
+def make_pool(n_easy: int, n_hard: int, generator: torch.Generator) -> list[Problem]:
     """The training questions (operands zero-padded to two digits): ``n_easy`` distinct one-digit additions (the
     base model's range) and ``n_hard`` distinct two-digit additions whose sum has three digits (an answer length
-    the base never produces)."""
+    the base never produces), drawn with ``generator``."""
     if not (0 <= n_easy <= 100 and 0 <= n_hard <= 1000):
         raise ValueError(f"bad pool sizes n_easy={n_easy} (0..100), n_hard={n_hard} (0..1000)")
     task = AdditionTask(1, 2, width=2)
-    g = torch.Generator().manual_seed(seed)
+    g = generator
     easy = [task.make(a, b) for a, b in (divmod(int(i), 10) for i in torch.randperm(100, generator=g)[:n_easy])]
     hard, seen = [], set()
     while len(hard) < n_hard:

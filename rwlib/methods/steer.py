@@ -203,10 +203,11 @@ def sign_agreement(pred, true) -> float:
     return float((np.sign(pred[keep]) == np.sign(true[keep])).mean())
 
 
-def tabular_check(n: int = 3000, vocab: int = 50, eta: float = 1e-3, seed: int = 0) -> pd.DataFrame:
+def tabular_check(generator: torch.Generator, n: int = 3000, vocab: int = 50, eta: float = 1e-3) -> pd.DataFrame:
     """Random softmaxes (logit scales from flat to peaked), a sampled token, a random advantage and a slightly
-    stale ``pi_old``: STEER's signed Omega, the first-order change (S2) and the measured change of the step."""
-    g = torch.Generator().manual_seed(seed)
+    stale ``pi_old``, all drawn from ``generator``: STEER's signed Omega, the first-order change (S2) and the
+    measured change of the step."""
+    g = generator
     scale = torch.exp(torch.empty(n, 1, dtype=torch.float64).uniform_(math.log(0.3), math.log(6.0), generator=g))
     z = torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale
     a = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
