@@ -53,6 +53,7 @@ import pandas as pd
 import torch
 
 from ..rl import clipped_pg_loss, sequence_logprobs
+from ..train import History
 
 PI_MIN = 1e-8
 
@@ -203,6 +204,12 @@ def sign_agreement(pred, true) -> float:
     return float((np.sign(pred[keep]) == np.sign(true[keep])).mean())
 
 
+def agreement(df: pd.DataFrame) -> tuple[float, float]:
+    """How well ``-Omega`` predicts the ``measured`` entropy change of the rows of ``df`` (from :func:`tabular_check`,
+    :func:`isolated_token_steps` or :func:`batch_step`): ``(Spearman correlation, sign agreement)``."""
+    return spearman(-df.omega, df.measured), sign_agreement(-df.omega, df.measured)
+
+
 def tabular_check(generator: torch.Generator, n: int = 3000, vocab: int = 50, eta: float = 1e-3) -> pd.DataFrame:
     """Random softmaxes (logit scales from flat to peaked), a sampled token, a random advantage and a slightly
     stale ``pi_old``, all drawn from ``generator``: STEER's signed Omega, the first-order change (S2) and the
@@ -265,6 +272,19 @@ class Probe:
         for _, grp in self.frame().groupby("rollout"):
             out.extend(np.diff(grp["entropy"].to_numpy()).tolist())
         return np.asarray(out)
+
+    def mean_abs_change(self) -> float:
+        """Mean |entropy change of one update| (:meth:`entropy_changes`); nan before any update."""
+        d = self.entropy_changes() if self.rows else np.array([])
+        return float(np.abs(d).mean()) if len(d) else float("nan")
+
+    def history(self) -> History:
+        """The recorded rows as a :class:`rwlib.train.History` (step = update, from 1), e.g. for
+        :func:`rwlib.sweep.sweep`'s curves."""
+        hist = History()
+        for t, row in enumerate(self.rows):
+            hist.log(t + 1, **row)
+        return hist
 
 
 # ---------------------------------------------------------------------------------------------------------------
