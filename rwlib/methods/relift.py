@@ -47,9 +47,9 @@ import torch
 from ..data.tasks import CORRECT, WRONG, AdditionTask, Problem, sft_batch
 from ..finetune import sft_objective
 from ..models import eval_mode, module_device
-from ..rl import GRPOConfig, sequence_logprobs
+from ..rl import GRPOConfig, evaluate_task, sequence_logprobs
 
-__all__ = ["RL_CONFIG", "BinaryReward", "all_fail", "HardestBuffer", "difficulty_buckets", "BUCKETS",
+__all__ = ["RL_CONFIG", "BinaryReward", "all_fail", "HardestBuffer", "difficulty_buckets", "BUCKETS", "question_accuracy",
            "finetune_step", "relift_hook", "compact_scratchpad", "PoolSampler", "make_pool"]
 
 # (R2)+(R3): the official RL settings expressed with the shared loss. grad_clip 0.7 as in train.sh.
@@ -145,6 +145,15 @@ def difficulty_buckets(acc_per_question) -> list[str]:
         raise ValueError("accuracies must lie in [0, 1]")
     return ["easy" if a >= 0.75 else "medium" if a >= 0.375 else "hard" if a > 0 else "hardest"
             for a in acc.tolist()]
+
+
+def question_accuracy(model, task, problems: Sequence[Problem], generator: torch.Generator, n: int = 8,
+                      max_new_tokens: int = 8) -> torch.Tensor:
+    """The paper's difficulty measure ``acc(q)``: each question's accuracy over ``n`` responses sampled at
+    temperature 1 (the input of :func:`difficulty_buckets`), a (P,) tensor."""
+    ro = evaluate_task(model, task, list(problems), n_samples=n, max_new_tokens=max_new_tokens,
+                       generator=generator)["rollout"]
+    return (ro.rewards.reshape(len(problems), n) == CORRECT).float().mean(1)
 
 
 def finetune_step(model, optimizer: torch.optim.Optimizer, batch: Sequence[tuple[Problem, str]], alpha: float,

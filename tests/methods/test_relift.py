@@ -170,3 +170,11 @@ def test_rl_config_is_the_official_setting():
     c = relift.RL_CONFIG
     assert (c.clip, c.agg, c.scale, c.entropy_coef, c.group_size, c.temperature) == (
         False, "seq-sum-const", "none", 1e-3, 8, 1.0)
+
+
+def test_question_accuracy_is_the_fraction_of_correct_samples():
+    m = _model()
+    ps = _problems(5)
+    acc = relift.question_accuracy(m, TASK, ps, torch.Generator().manual_seed(0), n=4, max_new_tokens=4)
+    e = relift.evaluate_task(m, TASK, ps, n_samples=4, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    assert acc.shape == (5,) and torch.equal(acc, (e["rollout"].rewards.reshape(5, 4) == 1).float().mean(1))
