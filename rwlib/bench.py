@@ -1,6 +1,12 @@
-"""Benchmarks (not tests): ``python -m rwlib.bench`` measures TinyGPT's training throughput against the same
-architecture written plainly with ``torch.nn.TransformerEncoderLayer`` and writes the result, with its
-provenance, to ``data/results/tinygpt_throughput.json``.
+"""Benchmarks (not tests).
+
+- ``python -m rwlib.bench`` measures TinyGPT's training throughput against the same architecture written plainly
+  with ``torch.nn.TransformerEncoderLayer`` and writes ``data/results/tinygpt_throughput.json``.
+- ``python -m rwlib.bench peers`` times each of the book's methods that has an independent implementation against
+  it, side by side in one process at one thread, in alternating rounds (ours, peer, ours, peer, ...), and writes
+  the median ratio ours/peer and its spread over the rounds to ``data/results/peer_timings.json``: AdamP and SGDP
+  (the ``adamp`` package), LoRA and Bat (``peft``), the GRPO loss (TRL's loss expression), and LIFT's sparse Adam
+  with its mask refreshes (against dense AdamW on the same matrices).
 
 Speed targets live here and in recorded figures, never in timed unit tests.
 """
@@ -91,11 +97,168 @@ def tinygpt_benchmark(configs=((16, 32, 2, 64), (32, 64, 2, 64), (32, 128, 4, 12
             "git": rev, "rows": rows}
 
 
+# ---------------------------------------------------------------------------------------------- peers
+def _alternate(ours, peer, rounds: int, reps: int) -> dict:
+    """Median ratio (ours / peer) of ``reps`` calls each, over ``rounds`` alternating rounds, with the 10th and
+    90th percentiles of the per-round ratios and the median times per call."""
+    import statistics
+
+    for f in (ours, peer):  # warm up
+        f()
+    t_o, t_p, ratios = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            ours()
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            peer()
+        t2 = time.perf_counter()
+        t_o.append((t1 - t0) / reps)
+        t_p.append((t2 - t1) / reps)
+        ratios.append((t1 - t0) / (t2 - t1))
+    q = statistics.quantiles(ratios, n=10)
+    return {"ratio": round(statistics.median(ratios), 3), "ratio_p10": round(q[0], 3), "ratio_p90": round(q[-1], 3),
+            "ours_ms": round(1e3 * statistics.median(t_o), 3), "peer_ms": round(1e3 * statistics.median(t_p), 3),
+            "rounds": rounds, "reps": reps}
+
+
+def _optimizer_case(ours_cls, peer_cls, **kw):
+    def make(cls):
+        g = torch.Generator().manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s, generator=g)) for s in ((64, 32, 3, 3), (128, 64, 3, 3), (256, 512),
+                                                                     (512,), (10, 256))]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt = cls(ps, **kw)
+        return opt.step
+    return make(ours_cls), make(peer_cls)
+
+
+def _adapter_fwd_bwd(module, x):
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x).pow(2).mean().backward()
+    return step
+
+
+def peer_cases(rounds: int = 21) -> list[dict]:
+    """Every method with a peer, timed against it (see the module docstring)."""
+    import adamp as adamp_pkg
+    import peft
+
+    from .adapters import LoRALinear, wrap_linears
+    from .methods import adamp as ours_adamp
+    from .methods import lift as ours_lift
+    from .methods.bone import BoneLinear
+    from .rl.losses import clipped_pg_loss
+
+    rows = []
+    o, p = _optimizer_case(ours_adamp.AdamP, adamp_pkg.AdamP, lr=1e-3, weight_decay=1e-4)
+    rows.append({"method": "AdamP step", "peer": "adamp.AdamP", **_alternate(o, p, rounds, 20)})
+    o, p = _optimizer_case(ours_adamp.SGDP, adamp_pkg.SGDP, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    rows.append({"method": "SGDP step", "peer": "adamp.SGDP", **_alternate(o, p, rounds, 20)})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(256, 256)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    x = torch.randn(64 * 16, 256, generator=torch.Generator().manual_seed(1))
+    for name, ours_factory, peer_cfg in (
+            ("LoRA r=8 forward+backward", lambda l: LoRALinear(l, 8, alpha=16),
+             peft.LoraConfig(r=8, lora_alpha=16, target_modules=["fc"], lora_dropout=0.0)),
+            ("Bat r=8 forward+backward", lambda l: BoneLinear(l, 8, "bat"),
+             peft.MissConfig(r=8, target_modules=["fc"], init_weights="bat"))):
+        ours_net = Net()
+        ad = wrap_linears(ours_net, ours_factory)["fc"]
+        peer_net = peft.get_peft_model(Net(), peer_cfg)
+        with torch.no_grad():  # a non-zero adapter in both, so no branch is skipped
+            for q in ad.trainable_parameters():
+                q.normal_(0, 0.02)
+            for n, q in peer_net.named_parameters():
+                if q.requires_grad:
+                    q.normal_(0, 0.02)
+        rows.append({"method": name, "peer": f"peft {type(peer_cfg).__name__}",
+                     **_alternate(_adapter_fwd_bwd(ours_net, x), _adapter_fwd_bwd(peer_net, x), rounds, 5)})
+
+    g = torch.Generator().manual_seed(2)
+    N, T = 128, 16
+    logits = torch.randn(N, T, generator=g, requires_grad=True)
+    old = (logits.detach() + 0.1 * torch.randn(N, T, generator=g))
+    adv = torch.randn(N, generator=g)
+    mask = (torch.rand(N, T, generator=g) < 0.8).float()
+
+    def ours_loss():
+        loss, _ = clipped_pg_loss(logits, old, adv, mask, eps_low=0.2, eps_high=0.28, with_metrics=False)
+        loss.backward()
+
+    def trl_loss():  # TRL GRPOTrainer's loss expression, token mean over the batch (its "bnpo" aggregation)
+        coef_1 = torch.exp(logits - old)
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+        per_token = -torch.min(coef_1 * adv[:, None], coef_2 * adv[:, None])
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        loss.backward()
+
+    rows.append({"method": "GRPO clipped loss forward+backward", "peer": "TRL's loss expression",
+                 **_alternate(ours_loss, trl_loss, rounds, 50)})
+
+    def lift_case(dense: bool):
+        gg = torch.Generator().manual_seed(3)
+        ws = [nn.Parameter(torch.randn(256, 256, generator=gg) * 0.05) for _ in range(4)]
+        grads = [torch.randn(256, 256, generator=gg) for _ in ws]
+        opt = (torch.optim.AdamW(ws, lr=1e-3, weight_decay=0.0) if dense else
+               ours_lift.LIFTAdam(ws, lr=1e-3, lora_rank=4, filter_rank=4, update_interval=50))
+
+        def steps():  # 50 steps: one mask refresh for LIFT, as in the chapter's schedule
+            for _ in range(50):
+                for w, gr in zip(ws, grads):
+                    w.grad = gr
+                opt.step()
+        return steps
+
+    rows.append({"method": "LIFT 50 steps incl. 1 mask refresh (4 x 256x256)", "peer": "torch AdamW (dense)",
+                 **_alternate(lift_case(False), lift_case(True), max(5, rounds // 3), 1)})
+    return rows
+
+
+def peers_benchmark(threads: int = 1, rounds: int = 21) -> dict:
+    torch.set_num_threads(threads)
+    return {"benchmark": "ours / peer, alternating rounds in one process", "threads": threads,
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "git": _git_rev(),
+            "processor": platform.processor() or platform.machine(), "rows": peer_cases(rounds)}
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwlib.bench", description=__doc__.split("\n")[0])
+    p.add_argument("what", nargs="?", default="tinygpt", choices=("tinygpt", "peers"))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "data/results/tinygpt_throughput.json"))
+    p.add_argument("--rounds", type=int, default=21, help="alternating rounds of the peer timings")
+    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    results = Path(__file__).resolve().parent.parent / "data" / "results"
+    if args.what == "peers":
+        result = peers_benchmark(args.threads, args.rounds)
+        for r in result["rows"]:
+            print(f"{r['method']:<50} ours/peer {r['ratio']:.3f} (p10 {r['ratio_p10']:.3f}, p90 {r['ratio_p90']:.3f})"
+                  f"  {r['ours_ms']:.3f} ms vs {r['peer_ms']:.3f} ms  [{r['peer']}]")
+        out = Path(args.out or results / "peer_timings.json")
+        write_json_atomic(out, result)
+        print(f"wrote {out}")
+        return 0
+    args.out = args.out or str(results / "tinygpt_throughput.json")
     result = tinygpt_benchmark(threads=args.threads)
     for r in result["rows"]:
         print(f"B={r['batch']:<3} T={r['block']:<4} layers={r['n_layer']} d={r['n_embd']:<4} "

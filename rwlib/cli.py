@@ -4,6 +4,8 @@
     python -m rwlib pages            (after adding a chapter notebook)
     python -m rwlib run [NN ...] [--mode quick|full|auto] [--seed S] [--jobs J] [--out DIR]
     python -m rwlib book [same options as run]
+    python -m rwlib seeds [NN ...] [--seeds N] [--jobs J]      (writes data/results/seeds/NN-slug.json)
+    python -m rwlib seeds [NN ...] --verify DIR                 (executed ledgers in DIR against the sweeps)
 
 Bad input (an unknown chapter, mode or seed) is refused before anything runs, with the valid choices.
 Ctrl-C or SIGTERM stops the running chapters (papermill and their kernels), removes their partial notebooks
@@ -61,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--out", default="_build/executed", help="where executed notebooks and ledgers go")
         # A book tree other than this checkout whose notebooks run instead (tests point it at stand-in notebooks).
         s.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    s = sub.add_parser("seeds", help="run chapters at N seeds (quick mode, 1 thread each) and record how often each "
+                                     "claim held in data/results/seeds/")
+    s.add_argument("chapters", nargs="*", help="chapter numbers or slugs (default: all written chapters)")
+    s.add_argument("--seeds", type=int, default=5, help="number of seeds: 0..N-1 (default 5)")
+    s.add_argument("--jobs", type=int, default=None, help="executions at once (default: one per core)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads per execution (default 1, as CI)")
+    s.add_argument("--verify", default=None, metavar="DIR",
+                   help="run nothing: check the ledgers in DIR (from `run`) against the committed sweeps")
     return p
 
 
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in book.write_pages():
             print(f"wrote {path}")
         return 0
+    if args.command == "seeds":
+        return _seeds(args)
     try:
         if args.mode not in MODES:
             raise Refused(f"unknown mode {args.mode!r}; valid: {', '.join(MODES)}")
@@ -139,3 +151,45 @@ def main(argv: list[str] | None = None) -> int:
         html = book.build(Path(args.out), root=root or catalog.ROOT)
         print(f"book built: {html / 'index.html'}")
     return 0
+
+
+def _seeds(args) -> int:
+    import json
+
+    from . import seeds
+
+    try:
+        if args.seeds < 1:
+            raise Refused(f"bad --seeds {args.seeds}: expected an integer >= 1")
+        if args.jobs is not None and args.jobs < 1:
+            raise Refused(f"bad --jobs {args.jobs}: expected an integer >= 1")
+        if args.threads < 1:
+            raise Refused(f"bad --threads {args.threads}: expected an integer >= 1")
+        chapters = resolve_chapters(args.chapters)
+        if args.verify is not None and not Path(args.verify).is_dir():
+            raise Refused(f"bad --verify {args.verify!r}: not a folder")
+    except Refused as e:
+        print(f"python -m rwlib seeds: {e}", file=sys.stderr)
+        return 2
+    if args.verify is not None:
+        problems = []
+        for ch in chapters:
+            path = Path(args.verify) / ch.ledger_name
+            ledger = json.loads(path.read_text()) if path.exists() else None
+            if ledger is None:
+                problems.append(f"{ch.stem}: no executed ledger {path}")
+            problems += seeds.verify(ch, ledger)
+        for p in problems:
+            print(p)
+        print(f"{len(chapters)} chapters checked: {'ok' if not problems else f'{len(problems)} problems'}")
+        return 1 if problems else 0
+    t0 = time.perf_counter()
+    try:
+        with _sigterm_as_interrupt():
+            written = seeds.run_sweep(chapters, args.seeds, jobs=args.jobs or 2, threads=args.threads)
+    except KeyboardInterrupt:
+        print("python -m rwlib seeds: interrupted; no sweep was written for unfinished chapters", file=sys.stderr)
+        return 130
+    print(f"{len(written)}/{len(chapters)} sweeps written in {time.perf_counter() - t0:.1f} s")
+    return 0 if len(written) == len(chapters) else 1
+

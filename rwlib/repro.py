@@ -71,6 +71,14 @@ def stream(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(seed, name))
 
 
+def repeat_seeds(seed: int, k: int, name: str = "repeat") -> list[int]:
+    """Seeds of a chapter's ``k`` inner repeats, derived from the chapter seed (``stream_seed(seed, f"{name}/{i}")``
+    reduced to a valid chapter seed): sweep seeds 0..4 never share a repeat, as ``range(seed, seed + k)`` would."""
+    if k < 1:
+        raise ValueError(f"bad number of repeats {k!r}: expected >= 1")
+    return [stream_seed(seed, f"{name}/{i}") % (MAX_SEED + 1) for i in range(k)]
+
+
 @contextmanager
 def seeded(seed: int):
     """Run a block with torch's global generator seeded with ``seed`` and restore it afterwards.

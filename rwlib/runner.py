@@ -237,26 +237,36 @@ def run(chapters: list[catalog.Chapter], *, mode: str = "quick", seed: int = 0, 
     the calling thread) stops every running chapter, papermill and kernel, removes their partial notebooks and
     ledgers, starts no further chapter, and is raised again once all of that is done.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    return run_pairs([(ch, seed) for ch in chapters], mode=mode, jobs=jobs, out=lambda s: Path(out),
+                     threads=threads, echo=echo, root=root)
+
+
+def run_pairs(pairs: list[tuple[catalog.Chapter, int]], *, mode: str = "quick", jobs: int | None = None,
+              out=lambda seed: Path("_build/executed"), threads: int | None = None, echo=print,
+              root: Path | None = None) -> list[Result]:
+    """Execute each ``(chapter, seed)`` of ``pairs`` into the folder ``out(seed)``, ``jobs`` at once; interrupts
+    are handled as in :func:`run` (the seed sweep runs one chapter at several seeds in parallel with it)."""
     jobs = jobs or default_jobs()
-    jobs = min(jobs, max(1, len(chapters)))
+    jobs = min(jobs, max(1, len(pairs)))
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     stop = threading.Event()
 
-    def task(ch):
+    def task(pair):
+        ch, seed = pair
         if stop.is_set():
             return None
-        r = run_one(ch, mode=mode, seed=seed, out=out, threads=threads, root=root, stop=stop)
+        folder = Path(out(seed))
+        folder.mkdir(parents=True, exist_ok=True)
+        r = run_one(ch, mode=mode, seed=seed, out=folder, threads=threads, root=root, stop=stop)
         if echo:
-            echo(r.line())
+            echo(r.line() if len({s for _, s in pairs}) == 1 else f"seed {seed}: {r.line()}")
             for e in r.errors:
                 echo(f"    {e}")
         return r
 
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        futures = [pool.submit(task, ch) for ch in chapters]
+        futures = [pool.submit(task, pair) for pair in pairs]
         results = [f.result() for f in futures]
     except BaseException:
         stop.set()  # the running chapters stop their processes and clean up within POLL_S + KILL_GRACE_S

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import repro
 from .data import FewLabelSplit, strong_view, weak_view
 from .models import SmallCNN
 from .train import History, ModelEMA, cosine_lr, decay_groups, evaluate, loop, Batches
@@ -87,10 +88,15 @@ def train_ssl(split: FewLabelSplit, cfg: SSLConfig, seed: int, extra: nn.Module 
     BatchNorm sees them together. Returns the history (EMA test accuracy, mask ratio, ...) and the EMA model.
     The networks train on ``device``; the data stay where they are and the augmentations draw from a CPU
     generator, so a run is the same on any device up to floating-point order.
+
+    Randomness comes from two named streams of ``seed``: ``"ssl/init"`` (the network's initialisation) and
+    ``"ssl/batches"`` (batch order and augmentations); the global generator is left alone. An ``extra`` module
+    is initialised by the caller (e.g. under ``repro.seeded(repro.stream_seed(seed, "init/aux"))``).
     """
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = SmallCNN(split.labeled.shape, split.labeled.n_classes, cfg.widths, cfg.feat_dim).to(device)
+    g = repro.stream(seed, "ssl/batches")
+    with repro.seeded(repro.stream_seed(seed, "ssl/init")):
+        model = SmallCNN(split.labeled.shape, split.labeled.n_classes, cfg.widths, cfg.feat_dim)
+    model.to(device)
     if extra is not None:
         extra.to(device)
     params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])

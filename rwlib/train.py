@@ -182,14 +182,17 @@ def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, steps: int, batch
         loss_fn: Callable = per_sample_ce, weight_fn: Callable | None = None, augment: Callable | None = None,
         eval_data: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 0,
         on_step: Callable[[int, nn.Module], dict] | None = None, ema: ModelEMA | None = None,
-        desc: str = "fit") -> History:
+        perturb: Callable | None = None, side: torch.Tensor | None = None, desc: str = "fit") -> History:
     """Supervised training with per-sample losses and an optional per-sample weighting hook.
 
-    - ``loss_fn(logits, y)`` returns one loss per sample (default: cross-entropy).
+    - ``loss_fn(logits, y)`` returns one loss per sample (default: cross-entropy); with ``side`` (per-sample data
+      beside the labels, e.g. a teacher's logits for distillation) it is called as ``loss_fn(logits, y, side[idx])``.
     - ``weight_fn(losses, idx, step)`` gets the detached per-sample losses and the batch's dataset indices and
       returns per-sample weights; the minimised loss is ``mean(weights * losses)`` (plain mean without it).
     - ``augment(x, generator)`` transforms a batch; ``on_step(step, model)`` returns extra metrics to record
       (e.g. weight norms); ``eval_data`` is evaluated (with the EMA model when given) every ``eval_every``.
+    - ``perturb(model, x, y, generator)`` replaces each (augmented) batch before the loss -- adversarial
+      training with :func:`rwlib.adversarial.pgd_perturb`; ``weight_fn`` then reweights the adversarial losses.
     - Batches move to the model's device: put the model on ``run.device`` and the data may stay on the CPU.
     """
     batches = Batches(len(y), batch_size, generator)
@@ -201,8 +204,10 @@ def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, steps: int, batch
         if augment is not None:
             xb = augment(xb, generator)  # on the data's device, with the (CPU) generator
         xb, yb = xb.to(device), yb.to(device)  # no-op when the data live on the model's device
+        if perturb is not None:
+            xb = perturb(model, xb, yb, generator)
         logits = model(xb)
-        losses = loss_fn(logits, yb)
+        losses = loss_fn(logits, yb) if side is None else loss_fn(logits, yb, side[idx].to(device))
         if weight_fn is not None:
             w = weight_fn(losses.detach(), idx, t)
             loss = (w * losses).mean()

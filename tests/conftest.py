@@ -15,6 +15,8 @@ def executed(tmp_path_factory):
     """Every written chapter executed once, in quick mode, through the runner, with the network blocked.
 
     Chapters run two at a time with one torch thread each (the faster layout on two cores; README).
+    ``RWLIB_TEST_CHAPTERS=10,11`` executes only those chapters (the tests of the others are skipped): for working
+    on one chapter without executing the whole book.
     """
     from rwlib import catalog, runner
 
@@ -22,7 +24,11 @@ def executed(tmp_path_factory):
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(SUPPORT) + (os.pathsep + old if old else "")
     try:
-        results = runner.run(catalog.written_chapters(), mode="quick", seed=0, out=out,
+        chosen = catalog.written_chapters()
+        if os.environ.get("RWLIB_TEST_CHAPTERS"):
+            keep = {catalog.chapter(k.strip()).number for k in os.environ["RWLIB_TEST_CHAPTERS"].split(",")}
+            chosen = [c for c in chosen if c.number in keep]
+        results = runner.run(chosen, mode="quick", seed=0, out=out,
                              echo=lambda line: print(line, file=sys.stderr))
     finally:
         if old is None:
@@ -30,3 +36,12 @@ def executed(tmp_path_factory):
         else:
             os.environ["PYTHONPATH"] = old
     return {r.chapter.number: r for r in results}
+
+
+@pytest.fixture
+def executed_chapter(executed, request):
+    """The runner's result for the chapter a parametrized test names (``ch``); skips a chapter not executed."""
+    ch = request.getfixturevalue("ch")
+    if ch.number not in executed:
+        pytest.skip(f"{ch.stem} not executed in this run (RWLIB_TEST_CHAPTERS)")
+    return executed[ch.number]

@@ -2,6 +2,7 @@
 the repository URL in one place, the bibliography, and a real build from the executed chapters."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def _check_html(html: Path) -> None:
 
 def test_book_builds_from_executed_chapters(executed, tmp_path):
     """The HTML book builds, warnings as errors, from the notebooks the chapter test executed (no re-run)."""
+    if os.environ.get("RWLIB_TEST_CHAPTERS"):
+        pytest.skip("only some chapters were executed (RWLIB_TEST_CHAPTERS)")
     assert all(r.ok for r in executed.values()), "a chapter failed; see test_chapters"
     out_dir = next(iter(executed.values())).notebook.parent
     html = book.build(out_dir, tmp_path / "site")

@@ -8,16 +8,16 @@ CHAPTERS = catalog.written_chapters()
 
 
 @pytest.mark.parametrize("ch", CHAPTERS, ids=[c.stem for c in CHAPTERS])
-def test_chapter_runs_clean(executed, ch):
-    r = executed[ch.number]
+def test_chapter_runs_clean(executed_chapter, ch):
+    r = executed_chapter
     assert r.returncode == 0, f"{ch.stem} raised: {r.errors}"
     assert r.errors == [], f"{ch.stem} wrote error output: {r.errors}"
     assert r.ledger is not None and r.ledger["mode"] == "quick" and r.ledger["seed"] == 0
 
 
 @pytest.mark.parametrize("ch", CHAPTERS, ids=[c.stem for c in CHAPTERS])
-def test_chapter_robust_claims_hold(executed, ch):
-    ledger = executed[ch.number].ledger
+def test_chapter_robust_claims_hold(executed_chapter, ch):
+    ledger = executed_chapter.ledger
     assert ledger is not None
     assert ledger["claims"], f"{ch.stem} records no claims"
     failed = [c for c in ledger["claims"] if c["robust"] and not c["held"]]

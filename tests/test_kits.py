@@ -213,3 +213,11 @@ def test_noisy_answers_changes_only_the_last_digit_at_the_given_rate():
     assert all(task.verify(p, p.target) == 0.0 for p in wrong)
     with pytest.raises(ValueError, match="valid 0 <= noise < 1"):
         noisy_answers(task, 1.0)
+
+
+def test_repeat_seeds_are_valid_distinct_and_do_not_overlap_across_chapter_seeds():
+    a, b = repro.repeat_seeds(0, 3), repro.repeat_seeds(1, 3)
+    assert len(set(a + b)) == 6 and all(0 <= s <= repro.MAX_SEED for s in a + b)
+    assert a == repro.repeat_seeds(0, 3) and repro.stream(a[0], "data") is not None
+    with pytest.raises(ValueError, match="repeats"):
+        repro.repeat_seeds(0, 0)

@@ -255,3 +255,15 @@ def test_advantages_and_entropy_agree_with_trl():
     assert torch.allclose(group_advantages(r, G, "batch"), (r - mean) / (std_b + 1e-4), atol=1e-6)
     z = torch.randn(4, 5, 97, generator=g)
     assert torch.allclose(token_entropy(z), entropy_from_logits(z), atol=1e-5)
+
+
+def test_clip_fractions_count_masked_tokens_only():
+    logp_old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[0.5, 1.5, 1.0], [0.7, 1.0, 2.0]]))
+    adv = torch.tensor([-1.0, 1.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    _, info = clipped_pg_loss(logp, logp_old, adv, mask, eps_low=0.2)
+    # row 0 (adv < 0): ratio 0.5 < 0.8 clips low; row 1 (adv > 0): ratio 2.0 > 1.2 clips high; 5 masked tokens
+    assert float(info["clip_low"]) == pytest.approx(1 / 5) and float(info["clip_high"]) == pytest.approx(1 / 5)
+    _, none = clipped_pg_loss(logp, logp_old, adv, torch.zeros(2, 3))
+    assert float(none["clip_low"]) == 0.0

@@ -84,8 +84,8 @@ __all__ = [
     "radial_component",
     "OPTIMIZERS",
     "make_optimizer",
-    "toy_norm_growth",
-    "train_bn_cnn",
+    "toy_loss",
+    "norm_monitor",
 ]
 
 
@@ -173,9 +173,44 @@ def _check_sgdp(group: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# The step both optimizers share: closure, loop over parameters with a gradient, lazy state
+# --------------------------------------------------------------------------------------
+class _Projected(Optimizer):
+    """Common skeleton of :class:`AdamP` and :class:`SGDP`: argument checks on every param group and a
+    ``step`` that visits each parameter with a gradient and hands it to :meth:`_update`."""
+
+    _name = "projected optimizer"
+
+    def _check(self, group: dict) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._check(self.param_groups[-1])
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{self._name} does not support sparse gradients")
+                self._update(p, p.grad, self.state[p], group)
+        return loss
+
+
+# --------------------------------------------------------------------------------------
 # AdamP (E8 + E5/E6 + E7)
 # --------------------------------------------------------------------------------------
-class AdamP(Optimizer):
+class AdamP(_Projected):
     """Adam with decoupled weight decay and projection for scale-invariant weights.
 
     Constructor and defaults are those of ``adamp.AdamP``. State per parameter:
@@ -183,83 +218,53 @@ class AdamP(Optimizer):
     direction, projection, weight decay, step.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        delta: float = 0.1,
-        wd_ratio: float = 0.1,
-        nesterov: bool = False,
-    ):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            delta=delta, wd_ratio=wd_ratio, nesterov=nesterov,
-        )
+    _name = "AdamP"
+    _check = staticmethod(_check_adamp)
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
+                        nesterov=nesterov)
         _check_adamp(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        _check_adamp(self.param_groups[-1])
+    def _update(self, p, grad, state, group):
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        state["step"] += 1
+        t = state["step"]
+        bias_correction1 = 1 - beta1 ** t  # (E8) 1 - b1^t
+        bias_correction2 = 1 - beta2 ** t  # (E8) 1 - b2^t
 
-        for group in self.param_groups:
-            lr = group["lr"]
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("AdamP does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)  # (E8) m <- b1 m + (1-b1) g
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # (E8) v <- b2 v + (1-b2) g^2
 
-                state["step"] += 1
-                t = state["step"]
-                bias_correction1 = 1 - beta1 ** t  # (E8) 1 - b1^t
-                bias_correction2 = 1 - beta2 ** t  # (E8) 1 - b2^t
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])  # (E8) sqrt(v_hat) + eps
+        step_size = lr / bias_correction1  # (E8) lr / (1 - b1^t)
 
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)  # (E8) m <- b1 m + (1-b1) g
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # (E8) v <- b2 v + (1-b2) g^2
+        if group["nesterov"]:
+            update = (beta1 * exp_avg + (1 - beta1) * grad) / denom  # (E8) Nesterov look-ahead
+        else:
+            update = exp_avg / denom  # (E8) m / denom
 
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])  # (E8) sqrt(v_hat) + eps
-                step_size = lr / bias_correction1  # (E8) lr / (1 - b1^t)
+        update, r = projection(p, grad, update, group["delta"], group["wd_ratio"], group["eps"])  # (E5, E6)
 
-                if group["nesterov"]:
-                    update = (beta1 * exp_avg + (1 - beta1) * grad) / denom  # (E8) Nesterov look-ahead
-                else:
-                    update = exp_avg / denom  # (E8) m / denom
+        if group["weight_decay"] > 0:
+            p.mul_(1 - lr * group["weight_decay"] * r)  # (E7) AdamP decoupled decay
 
-                update, r = projection(  # (E5, E6)
-                    p, grad, update, group["delta"], group["wd_ratio"], group["eps"]
-                )
-
-                if group["weight_decay"] > 0:
-                    p.mul_(1 - lr * group["weight_decay"] * r)  # (E7) AdamP decoupled decay
-
-                p.add_(update, alpha=-step_size)  # (E8) w <- w - step_size * Pi(p)
-
-        return loss
+        p.add_(update, alpha=-step_size)  # (E8) w <- w - step_size * Pi(p)
 
 
 # --------------------------------------------------------------------------------------
 # SGDP (E9 + E5/E6 + E7)
 # --------------------------------------------------------------------------------------
-class SGDP(Optimizer):
+class SGDP(_Projected):
     """SGD with momentum, decoupled weight decay and projection for scale-invariant weights.
 
     Constructor and defaults are those of ``adamp.SGDP`` (``lr`` is required). State per
@@ -267,72 +272,39 @@ class SGDP(Optimizer):
     projection, weight decay, step.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = required,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        eps: float = 1e-8,
-        delta: float = 0.1,
-        wd_ratio: float = 0.1,
-    ):
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
-        )
+    _name = "SGDP"
+    _check = staticmethod(_check_sgdp)
+
+    def __init__(self, params, lr: float = required, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
+                 wd_ratio: float = 0.1):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio)
         _check_sgdp(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        _check_sgdp(self.param_groups[-1])
+    def _update(self, p, grad, state, group):
+        lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        if len(state) == 0:
+            state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf = state["momentum"]
+        buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])  # (E9) buf <- mu buf + (1-d) g
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        if nesterov:
+            update = grad + momentum * buf  # (E9) Nesterov: g + mu buf
+        else:
+            update = buf  # (E9) heavy ball: buf
 
-        for group in self.param_groups:
-            lr = group["lr"]
-            momentum = group["momentum"]
-            dampening = group["dampening"]
-            nesterov = group["nesterov"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("SGDP does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = state["momentum"]
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)  # (E9) buf <- mu buf + (1-d) g
+        projected, r = projection(p, grad, update, group["delta"], group["wd_ratio"], group["eps"])  # (E5, E6)
+        if not nesterov and projected is not update:
+            # (E9) official behaviour: the buffer itself is projected in place
+            buf.copy_(projected)
+            projected = buf
 
-                if nesterov:
-                    update = grad + momentum * buf  # (E9) Nesterov: g + mu buf
-                else:
-                    update = buf  # (E9) heavy ball: buf
+        if group["weight_decay"] > 0:
+            p.mul_(1 - lr * group["weight_decay"] * r / (1 - momentum))  # (E7) SGDP decay
 
-                projected, r = projection(  # (E5, E6)
-                    p, grad, update, group["delta"], group["wd_ratio"], group["eps"]
-                )
-                if not nesterov and projected is not update:
-                    # (E9) official behaviour: the buffer itself is projected in place
-                    buf.copy_(projected)
-                    projected = buf
-
-                if group["weight_decay"] > 0:
-                    p.mul_(1 - lr * group["weight_decay"] * r / (1 - momentum))  # (E7) SGDP decay
-
-                p.add_(projected, alpha=-lr)  # (E9) w <- w - lr Pi(p)
-
-        return loss
+        p.add_(projected, alpha=-lr)  # (E9) w <- w - lr Pi(p)
 
 
 # --------------------------------------------------------------------------------------
@@ -421,7 +393,7 @@ def radial_component(update: torch.Tensor, w: torch.Tensor, view: str = "channel
 
 
 # ------------------------------------------------------------------------------------------------
-# The chapter's two experiments (chapter 24). They use the optimizers above and rwlib's substrate.
+# The optimizer pairs the chapter compares, and the mechanism measures the paper plots (chapter 24)
 # ------------------------------------------------------------------------------------------------
 OPTIMIZERS = ("SGD", "SGDP", "AdamW", "AdamP")
 
@@ -445,61 +417,25 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0, m
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
-def toy_norm_growth(*, steps: int, lr: float, momentum: float, projected: bool, noise: float = 0.5,
-                    seed: int = 0) -> dict:
-    """The 2-D scale-invariant toy: ``L_t(w) = 1 - <w/||w||, e_t>`` with a target direction ``e_t`` whose angle
-    jitters by N(0, noise^2) around a fixed one, so stochastic gradients keep flowing (E1: they are ⟂ w).
+def toy_loss(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The paper's 2-D scale-invariant toy (E1): ``L(w) = 1 - <w / ||w||, e>`` with ``e = (cos theta, sin theta)``.
 
-    Runs SGD (``projected=False``) or SGDP (``projected=True``) with the given momentum from w_0 = (1, 0)
-    and returns the trajectory of ``||w_t||``, the effective step size ``lr/||w_t||^2`` (E4) and the angle.
-    The weight is a 1x2 matrix so SGDP's detection sees it as one row.
-    """
-    g = torch.Generator().manual_seed(seed)
-    w = nn.Parameter(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
-    opt = (SGDP([w], lr=lr, momentum=momentum) if projected
-           else torch.optim.SGD([w], lr=lr, momentum=momentum))
-    theta0 = 2.0
-    norms, angles = [1.0], [0.0]
-    for _ in range(steps):
-        th = theta0 + noise * torch.randn((), generator=g, dtype=torch.float64)
-        e = torch.stack([torch.cos(th), torch.sin(th)])
-        loss = 1 - (w[0] / w.norm()) @ e
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        norms.append(w.detach().norm().item())
-        angles.append(torch.atan2(w[0, 1], w[0, 0]).item())
-    norms_t = torch.tensor(norms, dtype=torch.float64)
-    return {"norm": norms_t.numpy(), "eff_step": effective_step_size(lr, norms_t).numpy(),
-            "angle": torch.tensor(angles).numpy()}
+    ``w`` is a 1x2 matrix (one row, so SGDP's detection sees a single channel); only its direction matters,
+    so the gradient is orthogonal to ``w`` and every step can only lengthen it (E2, E3)."""
+    return 1 - (w[0] / w.norm()) @ torch.stack([torch.cos(theta), torch.sin(theta)])
 
 
-def train_bn_cnn(opt_name: str, split, *, steps: int, lr: float, weight_decay: float, seed: int,
-                 batch_size: int = 64, widths=(16, 32), feat_dim: int = 64, eval_every: int = 50):
-    """Train rwlib's BatchNorm ``SmallCNN`` on ``split`` (a train/test pair of :class:`rwlib.data.Dataset`)
-    with optimizer ``opt_name`` and record, every step, the mean relative norm ``||w_t|| / ||w_0||`` of the
-    scale-invariant weights and their mean effective step size ``lr_t / ||w_t||^2``.
-
-    Returns ``(history, model)``; the history has ``loss``, ``train_acc``, ``rel_norm``, ``eff_step`` and
-    ``test_acc`` (every ``eval_every`` steps).
-    """
-    from rwlib.models import SmallCNN
-    from rwlib.train import cosine_lr, fit
-
-    train, test = split
-    torch.manual_seed(seed)
-    model = SmallCNN(train.shape, train.n_classes, widths, feat_dim, bn=True)
+def norm_monitor(model: nn.Module, optimizer: Optimizer) -> Callable[[int, nn.Module], dict]:
+    """The mechanism measures of the paper's weight-norm figures, as an ``on_step`` hook for
+    :func:`rwlib.train.fit`: the mean relative norm ``||w_t|| / ||w_0||`` of the model's scale-invariant weights
+    (:func:`scale_invariant_params`, ``w_0`` taken now) and their mean effective step size ``lr_t / ||w_t||^2``
+    (E4), with ``lr_t`` the first param group's current learning rate."""
     inv = [p for _, p in scale_invariant_params(model)]
     norm0 = weight_norms(inv)
-    opt = make_optimizer(opt_name, model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = cosine_lr(opt, steps, fraction=0.5)
 
     def on_step(t, m):
         norms = weight_norms(inv)
-        lr_t = opt.param_groups[0]["lr"]
+        lr_t = optimizer.param_groups[0]["lr"]
         return {"rel_norm": (norms / norm0).mean(), "eff_step": effective_step_size(lr_t, norms).mean()}
 
-    hist = fit(model, train.X, train.y, steps=steps, batch_size=batch_size, optimizer=opt, scheduler=sched,
-               generator=torch.Generator().manual_seed(seed), eval_data=(test.X, test.y), eval_every=eval_every,
-               on_step=on_step, desc=opt_name)
-    return hist, model
+    return on_step

@@ -84,11 +84,12 @@ def clipped_pg_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tenso
                     eps_low: float = 0.2, eps_high: float | None = None, clip: bool = True,
                     clip_c: float | None = None, delta: float | None = None,
                     token_weights: torch.Tensor | None = None, agg: str = "token-mean", max_len: int | None = None,
-                    normalizer=None) -> tuple[torch.Tensor, dict]:
+                    normalizer=None, with_metrics: bool = True) -> tuple[torch.Tensor, dict]:
     """The clipped policy-gradient loss (module docstring). Returns ``(loss, info)`` with the clip fractions.
 
     ``clip=False`` gives the plain importance-weighted policy gradient ``-A r`` (ReLIFT's setting);
     ``delta`` caps the unclipped ratio from above (TRL's two-sided clipping); ``clip_c`` is the dual clip.
+    ``with_metrics=False`` skips the clip fractions (``info`` is then empty).
     """
     eps_high = eps_low if eps_high is None else eps_high
     if adv.dim() == 1:
@@ -106,11 +107,14 @@ def clipped_pg_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tenso
     if token_weights is not None:
         per = per * token_weights
     loss = aggregate(per, mask, agg, max_len, normalizer)
-    with torch.no_grad():
-        m = mask.bool()
-        low = ((ratio < 1 - eps_low) & (adv < 0))[m].float().mean() if m.any() else torch.tensor(0.0)
-        high = ((ratio > 1 + eps_high) & (adv > 0))[m].float().mean() if m.any() else torch.tensor(0.0)
-    return loss, {"clip_low": low.item(), "clip_high": high.item()}
+    if not with_metrics:
+        return loss, {}
+    with torch.no_grad():  # clip fractions over the masked tokens, as tensors: no host sync per call
+        m = mask.to(ratio.dtype)
+        n = m.sum().clamp(min=1.0)
+        low = (((ratio < 1 - eps_low) & (adv < 0)).to(m.dtype) * m).sum() / n
+        high = (((ratio > 1 + eps_high) & (adv > 0)).to(m.dtype) * m).sum() / n
+    return loss, {"clip_low": low, "clip_high": high}
 
 
 def sft_loss(token_logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, entropy_coef: float = 0.0

@@ -290,3 +290,48 @@ def test_bad_param_group_raises():
     opt = AdamP([nn.Parameter(torch.zeros(2, 2))])
     with pytest.raises(ValueError, match="lr=-1"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "lr": -1})
+
+
+def test_toy_loss_is_scale_invariant_and_its_gradient_orthogonal():
+    from rwlib.methods.adamp import toy_loss
+
+    theta = torch.tensor(2.0, dtype=torch.float64)
+    w = torch.tensor([[0.3, -1.2]], dtype=torch.float64, requires_grad=True)
+    loss = toy_loss(w, theta)
+    assert torch.allclose(loss, toy_loss(5.0 * w.detach(), theta))  # (E1) L(cw) = L(w)
+    loss.backward()
+    assert abs(float((w.grad * w.detach()).sum())) < 1e-12  # (E1) <grad, w> = 0
+
+
+def test_toy_momentum_grows_the_norm_and_sgdp_holds_it():
+    """The chapter's toy in miniature: SGD's norm grows, momentum grows it faster, SGDP's projection curbs it."""
+    from rwlib.methods.adamp import make_optimizer, toy_loss
+
+    def growth(name, momentum):
+        g = torch.Generator().manual_seed(0)
+        w = nn.Parameter(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+        opt = make_optimizer(name, [w], lr=0.1, momentum=momentum, nesterov=False)
+        for _ in range(200):
+            opt.zero_grad()
+            toy_loss(w, 2.0 + 0.5 * torch.randn((), generator=g, dtype=torch.float64)).backward()
+            opt.step()
+        return float(w.detach().norm()) - 1.0
+
+    gd, mom, proj = growth("SGD", 0.0), growth("SGD", 0.9), growth("SGDP", 0.9)
+    assert 0 < gd < mom and proj < mom
+
+
+def test_norm_monitor_starts_at_one_and_reports_lr_over_norm_squared():
+    from rwlib.methods.adamp import norm_monitor, scale_invariant_params
+
+    m = _model()
+    opt = SGDP(m.parameters(), lr=0.1, momentum=0.9)
+    hook = norm_monitor(m, opt)
+    out = hook(0, m)
+    assert float(out["rel_norm"]) == pytest.approx(1.0)
+    norms = weight_norms(scale_invariant_params(m))
+    assert float(out["eff_step"]) == pytest.approx(float((0.1 / norms**2).mean()))
+    with torch.no_grad():
+        for _, p in scale_invariant_params(m):
+            p.mul_(2.0)
+    assert float(hook(1, m)["rel_norm"]) == pytest.approx(2.0)
