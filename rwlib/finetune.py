@@ -44,10 +44,12 @@ def sft_objective(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, e
 
 def sft_train(model, optimizer, task, steps: int, batch_size: int, generator: torch.Generator, *,
               problems: list | None = None, problem_fn: Callable | None = None, entropy_coef: float = 0.0,
-              scheduler=None, clip: float | None = 1.0, history: History | None = None, desc: str = "sft") -> History:
+              scheduler=None, clip: float | None = 1.0, history: History | None = None, desc: str = "sft",
+              eval_fn: Callable[[], dict] | None = None, eval_every: int = 0) -> History:
     """Supervised fine-tuning on the reference completions (loss on completion tokens only), on the model's
     device. Batches come from ``problem_fn(batch_size, generator)``, or uniformly with replacement from a fixed
-    pool ``problems`` (encoded once), or else from ``task.sample``."""
+    pool ``problems`` (encoded once), or else from ``task.sample``. ``eval_fn()`` is recorded every
+    ``eval_every`` steps and after the last (as in :func:`rwlib.train.loop`)."""
     if problems is not None and problem_fn is not None:
         raise ValueError("give sft_train either a fixed pool `problems` or a `problem_fn`, not both")
     device = module_device(model)
@@ -64,7 +66,7 @@ def sft_train(model, optimizer, task, steps: int, batch_size: int, generator: to
         return {"loss": sft_objective(model, x, y, mask, entropy_coef)}
 
     return loop(step_fn, steps=steps, optimizer=optimizer, scheduler=scheduler, desc=desc, history=history,
-                clip=clip)
+                clip=clip, eval_fn=eval_fn, eval_every=eval_every)
 
 
 # ------------------------------------------------------------------------------------------------ the measures

@@ -180,6 +180,41 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+def test_sft_train_records_eval_fn_like_the_loop():
+    import torch
+
+    from rwlib.data.tasks import AdditionTask
+    from rwlib.data.text import TOKENIZER
+    from rwlib.finetune import sft_train
+    from rwlib.models import TinyGPT
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyGPT(TOKENIZER.vocab_size, 12, 1, 16, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    hist = sft_train(model, opt, AdditionTask(1, 1), 5, 4, torch.Generator().manual_seed(0),
+                     eval_fn=lambda: calls.append(1) or {"ev": float(len(calls))}, eval_every=2)
+    steps, vals = hist.series("ev")
+    assert steps.tolist() == [2, 4, 5] and vals.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_noisy_answers_changes_only_the_last_digit_at_the_given_rate():
+    import pytest
+    import torch
+
+    from rwlib.data.tasks import AdditionTask, noisy_answers
+
+    task = AdditionTask(1, 2)
+    ps = noisy_answers(task, 0.3)(2000, torch.Generator().manual_seed(0))
+    wrong = [p for p in ps if p.target != f"{p.answer};"]
+    assert 0.25 < len(wrong) / len(ps) < 0.35
+    assert all(p.target[:-2] == str(p.answer)[:-1] and p.target[-2] != str(p.answer)[-1] for p in wrong)
+    assert all(task.verify(p, p.target) == 0.0 for p in wrong)
+    with pytest.raises(ValueError, match="valid 0 <= noise < 1"):
+        noisy_answers(task, 1.0)
+
+
 def test_repeat_seeds_are_valid_distinct_and_do_not_overlap_across_chapter_seeds():
     a, b = repro.repeat_seeds(0, 3), repro.repeat_seeds(1, 3)
     assert len(set(a + b)) == 6 and all(0 <= s <= repro.MAX_SEED for s in a + b)

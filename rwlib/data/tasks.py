@@ -131,6 +131,26 @@ class SumToTask:
         return CORRECT if a >= 1 and b >= 1 and a + b == problem.answer else WRONG
 
 
+def noisy_answers(task, noise: float):
+    """A ``problem_fn`` (``fn(n, generator) -> problems``) drawing from an integer-answer ``task`` whose reference
+    answer gets a wrong last digit with probability ``noise``: fine-tuned on it, a policy stays uncertain (a
+    warm start with entropy left for RL to remove). The verifier still checks the true ``answer``."""
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"bad noise={noise}: valid 0 <= noise < 1")
+
+    def fn(n: int, generator: torch.Generator) -> list[Problem]:
+        out = []
+        for p in task.sample(n, generator):
+            if float(torch.rand((), generator=generator)) < noise:
+                ans = str(p.answer)
+                wrong = (int(ans[-1]) + int(torch.randint(1, 10, (1,), generator=generator))) % 10
+                p = Problem(p.prompt, ans[:-1] + str(wrong) + STOP, p.answer, p.difficulty)
+            out.append(p)
+        return out
+
+    return fn
+
+
 def encode_prompts(problems: list[Problem]) -> torch.Tensor:
     """(P, prompt_len) token ids; all prompts of a task have the same length."""
     lens = {len(p.prompt) for p in problems}

@@ -34,27 +34,23 @@ A question ``q`` gets ``G`` sampled responses ``o_1..o_G`` with verifiable rewar
      Fine-tuning loss with an entropy bonus:
      ``L_FT = mean_t(-log pi_theta(s_t | q, s_<t)) - alpha mean_t H_t``.
 
-The chapter's miniature (column-addition scratchpads as demonstrations, a fixed question pool, the drivers for
-RL-only, SFT-only and ReLIFT) follows below the method.
+Below the method: the chapter's demonstrations (column-addition scratchpads) and its fixed question pool. The
+experiment itself (RL-only, SFT-only, ReLIFT) is a sweep in the chapter's notebook.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from ..data.tasks import CORRECT, WRONG, AdditionTask, Problem, sft_batch
-from ..data.text import TOKENIZER
-from ..models import TinyGPT, eval_mode
-from ..rl import GRPOConfig, evaluate_task, sequence_logprobs, sft_loss, token_entropy, train_grpo
-from ..train import History, cosine_lr, loop
+from ..finetune import sft_objective
+from ..models import eval_mode, module_device
+from ..rl import GRPOConfig, evaluate_task, sequence_logprobs
 
-__all__ = ["RL_CONFIG", "BinaryReward", "all_fail", "HardestBuffer", "difficulty_buckets", "BUCKETS",
-           "finetune_step", "relift_hook", "compact_scratchpad", "PoolSampler", "make_pool", "train_base",
-           "run_rl", "run_sft", "pool_eval", "sampled_accuracy", "bucket_table", "MiniConfig", "experiment", "METHODS"]
+__all__ = ["RL_CONFIG", "BinaryReward", "all_fail", "HardestBuffer", "difficulty_buckets", "BUCKETS", "question_accuracy",
+           "finetune_step", "relift_hook", "compact_scratchpad", "PoolSampler", "make_pool"]
 
 # (R2)+(R3): the official RL settings expressed with the shared loss. grad_clip 0.7 as in train.sh.
 RL_CONFIG = GRPOConfig(clip=False, agg="seq-sum-const", scale="none", entropy_coef=1e-3, grad_clip=0.7,
@@ -151,14 +147,22 @@ def difficulty_buckets(acc_per_question) -> list[str]:
             for a in acc.tolist()]
 
 
+def question_accuracy(model, task, problems: Sequence[Problem], generator: torch.Generator, n: int = 8,
+                      max_new_tokens: int = 8) -> torch.Tensor:
+    """The paper's difficulty measure ``acc(q)``: each question's accuracy over ``n`` responses sampled at
+    temperature 1 (the input of :func:`difficulty_buckets`), a (P,) tensor."""
+    ro = evaluate_task(model, task, list(problems), n_samples=n, max_new_tokens=max_new_tokens,
+                       generator=generator)["rollout"]
+    return (ro.rewards.reshape(len(problems), n) == CORRECT).float().mean(1)
+
+
 def finetune_step(model, optimizer: torch.optim.Optimizer, batch: Sequence[tuple[Problem, str]], alpha: float,
                   grad_clip: float | None = 1.0) -> float:
     """(R6) One fine-tuning step on ``(problem, demonstration)`` pairs: the prompt is kept and the response
     replaced by the demonstration (which ends with the stop symbol); loss on the demonstration's tokens only."""
-    x, y, mask = sft_batch([p for p, _ in batch], [d for _, d in batch])
-    logits = model(x)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
-    loss = sft_loss(logp, token_entropy(logits), mask, alpha)                            # (R6) L_FT
+    device = module_device(model)
+    x, y, mask = (t.to(device) for t in sft_batch([p for p, _ in batch], [d for _, d in batch]))
+    loss = sft_objective(model, x, y, mask, alpha)                                         # (R6) L_FT
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
@@ -230,14 +234,14 @@ class PoolSampler:
         return out
 
 
-def make_pool(n_easy: int, n_hard: int, seed: int) -> list[Problem]:
+def make_pool(n_easy: int, n_hard: int, generator: torch.Generator) -> list[Problem]:
     """The training questions (operands zero-padded to two digits): ``n_easy`` distinct one-digit additions (the
     base model's range) and ``n_hard`` distinct two-digit additions whose sum has three digits (an answer length
-    the base never produces)."""
+    the base never produces), drawn with ``generator``."""
     if not (0 <= n_easy <= 100 and 0 <= n_hard <= 1000):
         raise ValueError(f"bad pool sizes n_easy={n_easy} (0..100), n_hard={n_hard} (0..1000)")
     task = AdditionTask(1, 2, width=2)
-    g = torch.Generator().manual_seed(seed)
+    g = generator
     easy = [task.make(a, b) for a, b in (divmod(int(i), 10) for i in torch.randperm(100, generator=g)[:n_easy])]
     hard, seen = [], set()
     while len(hard) < n_hard:
@@ -246,152 +250,3 @@ def make_pool(n_easy: int, n_hard: int, seed: int) -> list[Problem]:
             seen.add((a, b))
             hard.append(task.make(a, b))
     return easy + hard
-
-
-@dataclass(frozen=True)
-class MiniConfig:
-    """Sizes and settings of the miniature: the base model (``n_layer``, ``n_embd``, ``n_head``, trained
-    ``base_steps`` at ``base_lr``), the pool (``n_easy`` + ``n_hard`` questions), RL (``rollouts`` batches of
-    ``prompts`` questions x ``group_size`` answers of at most ``max_new_tokens`` tokens, ``minibatches`` updates
-    per batch at ``rl_lr``), ReLIFT's fine-tuning (batch ``M``, ``sft_epochs`` passes per batch at ``sft_lr``,
-    entropy coefficient ``alpha``), SFT-only's learning rate ``sft_only_lr``, and greedy evaluation every
-    ``eval_every`` batches."""
-
-    n_layer: int = 1
-    n_embd: int = 64
-    n_head: int = 4
-    base_steps: int = 250
-    base_lr: float = 6e-3
-    n_easy: int = 16
-    n_hard: int = 8
-    rollouts: int = 100
-    minibatches: int = 1
-    prompts: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 10
-    rl_lr: float = 1e-3
-    sft_lr: float = 1e-3
-    sft_only_lr: float = 3e-3
-    M: int = 8
-    sft_epochs: int = 8
-    alpha: float = 1e-4
-    eval_every: int = 10
-
-
-def train_base(cfg: MiniConfig, seed: int) -> TinyGPT:
-    """The "zero-RL" base: a TinyGPT fine-tuned on direct answers (``"07+08="`` -> ``"15;"``) of one-digit
-    additions only."""
-    torch.manual_seed(seed)
-    width = 2
-    model = TinyGPT(TOKENIZER.vocab_size, 2 * width + 2 + cfg.max_new_tokens + 2, cfg.n_layer, cfg.n_embd,
-                    cfg.n_head)
-    task = AdditionTask(1, 1, width=width)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr)
-    sched = cosine_lr(opt, cfg.base_steps, 0.5)
-    g = torch.Generator().manual_seed(seed)
-
-    def step(t):
-        x, y, mask = sft_batch(task.sample(32, g))
-        logits = model(x)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
-        return {"loss": sft_loss(logp, token_entropy(logits), mask)}
-
-    loop(step, steps=cfg.base_steps, optimizer=opt, scheduler=sched, clip=1.0, desc="base")
-    return model.eval()
-
-
-def pool_eval(model, task, pool, max_new_tokens) -> dict:
-    """Greedy accuracy on the pool overall and per number of digits, and the mean response length."""
-    e = evaluate_task(model, task, pool, temperature=0, max_new_tokens=max_new_tokens)
-    out = {"eval_acc": e["pass@1"], "eval_length": e["length"]}
-    out.update({f"eval_{k}": v for k, v in e.items() if k.startswith("acc_d")})
-    return out
-
-
-def run_rl(base, pool, cfg: MiniConfig, seed: int, relift: bool) -> tuple[History, torch.nn.Module]:
-    """RL-only (``relift=False``) or ReLIFT from a copy of ``base`` on the question pool."""
-    model = copy.deepcopy(base).train()
-    task = BinaryReward(AdditionTask(1, 2, width=2))                                         # (R1)
-    rl_cfg = RL_CONFIG.but(prompts_per_step=cfg.prompts, group_size=cfg.group_size,
-                           max_new_tokens=cfg.max_new_tokens, minibatches=cfg.minibatches)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr)
-    hook = None
-    if relift:
-        sft_opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)                     # (R6) separate
-        hook = relift_hook(model, sft_opt, HardestBuffer(cfg.M), compact_scratchpad, cfg.alpha,
-                           epochs=cfg.sft_epochs)
-    g = torch.Generator().manual_seed(1000 + seed)
-    torch.manual_seed(1000 + seed)
-    hist = train_grpo(model, opt, task, rl_cfg, cfg.rollouts * cfg.minibatches, g, on_rollout=hook,
-                      problem_fn=PoolSampler(pool), eval_every=cfg.eval_every * cfg.minibatches,
-                      eval_fn=lambda: pool_eval(model, task.task, pool, cfg.max_new_tokens),
-                      desc="ReLIFT" if relift else "RL")
-    return hist, model
-
-
-def run_sft(base, pool, cfg: MiniConfig, seed: int) -> tuple[History, torch.nn.Module]:
-    """SFT-only: the same stream of pool questions, each step fine-tuned on all of its questions'
-    demonstrations (batch ``prompts``), with the fine-tuning loss of (R6)."""
-    model = copy.deepcopy(base).train()
-    task = AdditionTask(1, 2, width=2)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_only_lr)
-    g = torch.Generator().manual_seed(1000 + seed)
-    torch.manual_seed(1000 + seed)
-    sampler = PoolSampler(pool)
-
-    def step(t):
-        batch = [(p, compact_scratchpad(p)) for p in sampler(cfg.prompts, g)]
-        x, y, mask = sft_batch([p for p, _ in batch], [d for _, d in batch])
-        logits = model(x)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
-        return {"loss": sft_loss(logp, token_entropy(logits), mask, cfg.alpha), "demos_used": float(sampler.seen)}
-
-    hist = loop(step, steps=cfg.rollouts, optimizer=opt, clip=1.0, desc="SFT",
-                eval_fn=lambda: pool_eval(model, task, pool, cfg.max_new_tokens), eval_every=cfg.eval_every)
-    return hist, model
-
-
-@torch.no_grad()
-def sampled_accuracy(model, pool, n: int, max_new_tokens: int, seed: int) -> torch.Tensor:
-    """Each question's accuracy over ``n`` responses sampled at temperature 1 (the paper's bucketing)."""
-    task = AdditionTask(1, 2, width=2)
-    e = evaluate_task(model, task, pool, n_samples=n, temperature=1.0, max_new_tokens=max_new_tokens,
-                      generator=torch.Generator().manual_seed(seed))
-    r = e["rollout"].rewards.reshape(len(pool), n)
-    return (r == CORRECT).float().mean(1)
-
-
-def bucket_table(before: torch.Tensor, after: dict[str, torch.Tensor]) -> "pd.DataFrame":
-    """Mean accuracy per difficulty bucket (defined by the base's accuracy ``before``) for the base and for each
-    trained model in ``after`` (name -> per-question accuracy): a tidy frame bucket/model/accuracy/n."""
-    import pandas as pd
-
-    names = difficulty_buckets(before)
-    rows = []
-    for label, acc in [("base", before), *after.items()]:
-        for b in BUCKETS:
-            idx = [i for i, nm in enumerate(names) if nm == b]
-            if idx:
-                rows.append({"bucket": b, "model": label, "accuracy": float(acc[idx].mean()), "n": len(idx)})
-    return pd.DataFrame(rows)
-
-
-METHODS = ("RL-only", "SFT-only", "ReLIFT")
-
-
-def experiment(cfg: MiniConfig, seed: int, n_samples: int = 8) -> dict:
-    """The chapter's experiment for one seed: train the base, then RL-only, SFT-only and ReLIFT from it on the
-    same question pool. Returns the base, the pool, each method's history and model,
-    and each question's accuracy over ``n_samples`` sampled responses before (base) and after training."""
-    base = train_base(cfg, seed)
-    pool = make_pool(cfg.n_easy, cfg.n_hard, seed)
-    out = {"base": base, "pool": pool, "history": {}, "model": {}, "after": {},
-           "before": sampled_accuracy(base, pool, n_samples, cfg.max_new_tokens, seed)}
-    for name in METHODS:
-        if name == "SFT-only":
-            hist, model = run_sft(base, pool, cfg, seed)
-        else:
-            hist, model = run_rl(base, pool, cfg, seed, relift=name == "ReLIFT")
-        out["history"][name], out["model"][name] = hist, model
-        out["after"][name] = sampled_accuracy(model, pool, n_samples, cfg.max_new_tokens, seed + 1)
-    return out

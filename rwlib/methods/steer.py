@@ -52,12 +52,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.tasks import AdditionTask, Problem
-from ..data.text import TOKENIZER
-from ..models import TinyGPT
-from ..finetune import sft_train
-from ..rl import GRPOConfig, clipped_pg_loss, group_advantages, sample_completions, sequence_logprobs, train_grpo
-from ..rl.rollout import score
+from ..rl import clipped_pg_loss, sequence_logprobs
+from ..train import History
 
 PI_MIN = 1e-8
 
@@ -208,10 +204,17 @@ def sign_agreement(pred, true) -> float:
     return float((np.sign(pred[keep]) == np.sign(true[keep])).mean())
 
 
-def tabular_check(n: int = 3000, vocab: int = 50, eta: float = 1e-3, seed: int = 0) -> pd.DataFrame:
+def agreement(df: pd.DataFrame) -> tuple[float, float]:
+    """How well ``-Omega`` predicts the ``measured`` entropy change of the rows of ``df`` (from :func:`tabular_check`,
+    :func:`isolated_token_steps` or :func:`batch_step`): ``(Spearman correlation, sign agreement)``."""
+    return spearman(-df.omega, df.measured), sign_agreement(-df.omega, df.measured)
+
+
+def tabular_check(generator: torch.Generator, n: int = 3000, vocab: int = 50, eta: float = 1e-3) -> pd.DataFrame:
     """Random softmaxes (logit scales from flat to peaked), a sampled token, a random advantage and a slightly
-    stale ``pi_old``: STEER's signed Omega, the first-order change (S2) and the measured change of the step."""
-    g = torch.Generator().manual_seed(seed)
+    stale ``pi_old``, all drawn from ``generator``: STEER's signed Omega, the first-order change (S2) and the
+    measured change of the step."""
+    g = generator
     scale = torch.exp(torch.empty(n, 1, dtype=torch.float64).uniform_(math.log(0.3), math.log(6.0), generator=g))
     z = torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale
     a = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
@@ -227,38 +230,8 @@ def tabular_check(n: int = 3000, vocab: int = 50, eta: float = 1e-3, seed: int =
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The chapter's experiment: an SFT warm start with label noise, then GRPO and its entropy interventions
+# Watching the method during training
 # ---------------------------------------------------------------------------------------------------------------
-def noisy_problem_fn(task: AdditionTask, noise: float):
-    """A ``problem_fn`` for SFT whose reference answer has a wrong last digit with probability ``noise``, so the
-    fine-tuned policy stays uncertain (non-trivial entropy) and RL has something to sharpen."""
-    if not 0.0 <= noise < 1.0:
-        raise ValueError(f"bad noise={noise}: valid 0 <= noise < 1")
-
-    def fn(n: int, generator: torch.Generator) -> list[Problem]:
-        out = []
-        for p in task.sample(n, generator):
-            if float(torch.rand((), generator=generator)) < noise:
-                ans = str(p.answer)
-                wrong = (int(ans[-1]) + int(torch.randint(1, 10, (1,), generator=generator))) % 10
-                p = Problem(p.prompt, ans[:-1] + str(wrong) + ";", p.answer, p.difficulty)
-            out.append(p)
-        return out
-
-    return fn
-
-
-def warm_start(task: AdditionTask, *, steps: int, seed: int, noise: float = 0.2, n_layer: int = 2,
-               n_embd: int = 64, lr: float = 3e-3, batch_size: int = 32, device="cpu") -> TinyGPT:
-    """The shared starting policy: a TinyGPT fine-tuned on noisy additions (every RL run deep-copies it)."""
-    torch.manual_seed(seed)
-    model = TinyGPT(TOKENIZER.vocab_size, block_size=16, n_layer=n_layer, n_embd=n_embd, n_head=4).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sft_train(model, opt, task, steps, batch_size, torch.Generator().manual_seed(seed),
-              problem_fn=noisy_problem_fn(task, noise), desc="sft warm start")
-    return model
-
-
 @dataclass
 class Probe:
     """A ``token_weight_fn`` wrapper that records, at every update, the mini-batch's mean token entropy and
@@ -300,46 +273,23 @@ class Probe:
             out.extend(np.diff(grp["entropy"].to_numpy()).tolist())
         return np.asarray(out)
 
+    def mean_abs_change(self) -> float:
+        """Mean |entropy change of one update| (:meth:`entropy_changes`); nan before any update."""
+        d = self.entropy_changes() if self.rows else np.array([])
+        return float(np.abs(d).mean()) if len(d) else float("nan")
 
-METHODS = ("GRPO", "clip-higher", "entropy bonus", "STEER")
-
-
-def method_config(name: str, base: GRPOConfig, *, eps_high: float = 0.28, entropy_coef: float = 0.01
-                  ) -> GRPOConfig:
-    """The configuration of one of :data:`METHODS`; STEER runs on top of clip-higher, as in the paper."""
-    if name == "GRPO":
-        return base
-    if name in ("clip-higher", "STEER"):
-        return base.but(eps_high=eps_high)
-    if name == "entropy bonus":
-        return base.but(entropy_coef=entropy_coef)
-    raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-
-
-def run_method(name: str, start: TinyGPT, task, cfg: GRPOConfig, *, updates: int, lr: float, seed: int,
-               w_min: float = 0.8, linear: bool = False, entropy_coef: float = 0.01):
-    """Deep-copy ``start`` and train it with method ``name`` (same rollout seed for every method).
-    Returns ``(model, history, probe)``."""
-    cfg = method_config(name, cfg, entropy_coef=entropy_coef)
-    model = copy.deepcopy(start)
-    probe = Probe(token_weight_fn(w_min=w_min, linear=linear) if name == "STEER" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    hist = train_grpo(model, opt, task, cfg, updates, torch.Generator().manual_seed(10_000 + seed),
-                      token_weight_fn=probe, on_rollout=probe.on_rollout, desc=name)
-    return model, hist, probe
+    def history(self) -> History:
+        """The recorded rows as a :class:`rwlib.train.History` (step = update, from 1), e.g. for
+        :func:`rwlib.sweep.sweep`'s curves."""
+        hist = History()
+        for t, row in enumerate(self.rows):
+            hist.log(t + 1, **row)
+        return hist
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The mechanism in the network: one small SGD step on a frozen rollout batch
 # ---------------------------------------------------------------------------------------------------------------
-def frozen_batch(model, task, generator: torch.Generator, prompts: int = 16, group_size: int = 8,
-                 max_new_tokens: int = 4):
-    """One scored rollout batch with group advantages (the frozen batch of the mechanism check)."""
-    ro = sample_completions(model, task.sample(prompts, generator), group_size, max_new_tokens, generator)
-    ro.advantages = group_advantages(score(task, ro), group_size)
-    return ro
-
-
 def _token_stats(model, ro):
     """Logits, log-prob of the sampled token and entropy at every completion position, in the model's dtype
     (float64 for the mechanism checks, so that tiny steps are not lost to rounding)."""

@@ -153,7 +153,7 @@ def test_compact_scratchpad_is_the_task_scratchpad_with_column_sums_only():
 
 
 def test_pool_and_sampler():
-    pool = relift.make_pool(6, 5, seed=0)
+    pool = relift.make_pool(6, 5, torch.Generator().manual_seed(0))
     assert len({p.prompt for p in pool}) == 11
     assert all(p.difficulty == 1 for p in pool[:6]) and all(p.answer >= 100 for p in pool[6:])
     s = relift.PoolSampler(pool)
@@ -163,10 +163,18 @@ def test_pool_and_sampler():
     with pytest.raises(ValueError, match="empty"):
         relift.PoolSampler([])
     with pytest.raises(ValueError, match="bad pool sizes"):
-        relift.make_pool(101, 1, seed=0)
+        relift.make_pool(101, 1, torch.Generator())
 
 
 def test_rl_config_is_the_official_setting():
     c = relift.RL_CONFIG
     assert (c.clip, c.agg, c.scale, c.entropy_coef, c.group_size, c.temperature) == (
         False, "seq-sum-const", "none", 1e-3, 8, 1.0)
+
+
+def test_question_accuracy_is_the_fraction_of_correct_samples():
+    m = _model()
+    ps = _problems(5)
+    acc = relift.question_accuracy(m, TASK, ps, torch.Generator().manual_seed(0), n=4, max_new_tokens=4)
+    e = relift.evaluate_task(m, TASK, ps, n_samples=4, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    assert acc.shape == (5,) and torch.equal(acc, (e["rollout"].rewards.reshape(5, 4) == 1).float().mean(1))

@@ -159,7 +159,7 @@ def test_first_order_formula_is_the_directional_derivative():
 
 
 def test_tabular_check_statistics():
-    df = steer.tabular_check(n=500, vocab=30, seed=0)
+    df = steer.tabular_check(torch.Generator().manual_seed(0), n=500, vocab=30)
     rel = (df.first_order - df.measured).abs() / df.measured.abs()
     assert rel.median() < 1e-2
     assert steer.spearman(-df.omega, df.measured) > 0.5 and steer.sign_agreement(-df.omega, df.measured) > 0.7
@@ -204,7 +204,37 @@ def test_bad_inputs_name_the_valid_values():
         steer.omega(adv, ent[:, :5], logp, old)
     with pytest.raises(ValueError, match=r"valid: logits.shape\[:-1\]"):
         steer.first_order_entropy_change(torch.zeros(4, 5), torch.zeros(3, dtype=torch.long), 1.0, 0.1)
-    with pytest.raises(ValueError, match=r"unknown method 'PPO'; valid: GRPO, clip-higher, entropy bonus, STEER"):
-        steer.method_config("PPO", GRPOConfig())
-    with pytest.raises(ValueError, match=r"valid 0 <= noise < 1"):
-        steer.noisy_problem_fn(AdditionTask(), 1.0)
+
+
+def test_agreement_and_the_first_order_formula_on_the_tabular_check():
+    """(Moved from the chapter's ledger: a check of our code.) The exact first-order formula matches the measured
+    change of a small step (median relative error < 1e-3), and agreement() is (spearman, sign_agreement) of -Omega."""
+    df = steer.tabular_check(torch.Generator().manual_seed(1), n=1000, vocab=50, eta=1e-3)
+    rel = ((df.first_order - df.measured).abs() / df.measured.abs()).median()
+    assert rel < 1e-3
+    assert steer.agreement(df) == (steer.spearman(-df.omega, df.measured),
+                                   steer.sign_agreement(-df.omega, df.measured))
+
+
+def test_probe_weights_stay_in_their_range_during_training():
+    """(Moved from the chapter's ledger.) Inside train_grpo no weight leaves [lambda_min, 1] (that the largest |Omega|
+    gets exactly lambda_min is test_exponential_weights_range_endpoints_and_closed_form)."""
+    task = AdditionTask(1, 1)
+    torch.manual_seed(0)
+    model = TinyGPT(TOKENIZER.vocab_size, 12, 1, 32, 2)
+    probe = steer.Probe(steer.token_weight_fn(w_min=0.8))
+    cfg = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=3, ppo_epochs=2, eps_high=0.28)
+    train_grpo(model, torch.optim.Adam(model.parameters(), lr=1e-3), task, cfg, 6,
+               torch.Generator().manual_seed(0), token_weight_fn=probe, on_rollout=probe.on_rollout)
+    f = probe.frame()
+    assert len(f) == 6 and (f.w_min >= 0.8 - 1e-6).all() and (f.w_max <= 1.0 + 1e-6).all()
+
+
+def test_probe_history_and_mean_abs_change():
+    p = steer.Probe()
+    assert np.isnan(p.mean_abs_change()) and p.history().rows == []
+    p.rows = [{"rollout": 0, "entropy": 1.0}, {"rollout": 0, "entropy": 0.7}, {"rollout": 1, "entropy": 0.5},
+              {"rollout": 1, "entropy": 0.6}]
+    assert p.mean_abs_change() == pytest.approx(0.2)
+    steps, ent = p.history().series("entropy")
+    assert steps.tolist() == [1, 2, 3, 4] and ent.tolist() == [1.0, 0.7, 0.5, 0.6]
