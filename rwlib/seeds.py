@@ -7,7 +7,8 @@ and a hash of the chapter's code so that a stale sweep is detected).
 
 The hash covers the notebook's *code* cells, with every ``robust=...`` argument removed, and the chapter's method
 module: prose and the robust declarations may change after a sweep without making it stale (the declarations are
-what the sweep is there to check); any other code change does. :func:`verify` compares an executed ledger with
+what the sweep is there to check); any other code change does. The Colab install cell (it does nothing off Colab)
+is not part of the hash either. :func:`verify` compares an executed ledger with
 the committed sweep: every robust claim must have held at every seed, and the claims must be the same.
 """
 
@@ -33,11 +34,17 @@ def sweep_path(ch: catalog.Chapter, root: Path = catalog.ROOT) -> Path:
     return root / SWEEP_DIR / ch.ledger_name
 
 
+def is_colab_install(source: str) -> bool:
+    """The chapter's first code cell, which installs rwlib only on Colab (guarded by ``google.colab``)."""
+    return '"google.colab" in sys.modules' in source and "pip" in source
+
+
 def code_hash(ch: catalog.Chapter, root: Path = catalog.ROOT) -> str:
     """SHA-256 of the chapter's code: its notebook's code cells (``robust=`` arguments removed) and its method
     module."""
     nb = json.loads((root / ch.notebook).read_text())
-    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    code = "\n".join(c for c in cells if not is_colab_install(c))
     code = _ROBUST_ARG.sub("", code)
     module = (root / "rwlib" / "methods" / f"{ch.slug.replace('-', '_')}.py").read_text()
     return hashlib.sha256((code + "\n#--module--\n" + module).encode()).hexdigest()

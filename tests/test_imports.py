@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from rwlib import catalog
+from rwlib import catalog, seeds
 
 ROOT = catalog.ROOT
 TOOLING = {"runner.py", "book.py", "cli.py", "bench.py", "seeds.py", "__main__.py"}
@@ -79,5 +79,9 @@ def test_every_runtime_import_is_a_core_or_book_requirement():
 
 @pytest.mark.parametrize("ch", catalog.written_chapters(), ids=lambda c: c.stem)
 def test_install_cell_installs_the_book_extra(ch):
-    text = (ROOT / ch.notebook).read_text()
-    assert "'rwlib[book] @ git+https://github.com/" in text, "the Colab install cell must install rwlib[book]"
+    nb = json.loads((ROOT / ch.notebook).read_text())
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    install = [c for c in cells if seeds.is_colab_install(c)]
+    assert len(install) == 1, "exactly one Colab install cell"
+    assert "install -q 'rwlib[book] @ {url}'" in install[0] and 'url = "git+https://github.com/' in install[0], \
+        "the Colab install cell must install rwlib[book] from the repository"
