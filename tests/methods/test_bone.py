@@ -143,7 +143,8 @@ def test_apply_bone_on_tinygpt_counts_and_identity():
     assert bone.lora_rank_for(m, 8) == pytest.approx(8 * (96 + 32 + 128 + 32) / (128 + 64 + 160 + 160))
 
 
-def test_drivers_on_a_tiny_model():
+def test_registered_with_the_finetune_kit_on_a_tiny_model():
+    from rwlib import finetune
     from rwlib.data.tasks import MultiplyTask, split_problems
 
     torch.manual_seed(0)
@@ -151,14 +152,19 @@ def test_drivers_on_a_tiny_model():
     task = MultiplyTask(10, 19)
     train, held = split_problems(task.all_problems(), 60, seed=0)
     assert len(train) == 60 and len(held) == 20 and not {p.prompt for p in train} & {p.prompt for p in held}
-    g = bone.grad_norm_sweep(base, train[:8], (8,), seed=0).set_index("method")
-    assert g.loc[["Bat (Bone v1)", "Bone (v4)"], "output change"].max() == 0.0
-    assert g.loc["LoRA", "grad A"] == 0.0 and (g["grad norm"] > 0).all()
-    model, hist = bone.finetune(base, "Bone (v4)", train, steps=3, batch_size=4, lr=1e-2, seed=0, r=8, lora_rank=2)
-    st = bone.update_structure(model, base, 8)
-    assert (st["rank"] <= 8).all() and st["shared fraction"].min() > 1 - 1e-9 and len(hist["loss"]) == 3
-    with pytest.raises(ValueError, match="unknown method 'DoRA'"):
-        bone.build(base, "DoRA", r=8, lora_rank=2, seed=0)
+    rank = round(bone.lora_rank_for(base, 16))
+    assert rank == 9 and bone.block_size_for(base, rank) == 16  # 16 * 288 / 512 = 9 -> back to 16
+    for name, mode in (("Bat", "bat"), ("Bone", "bone")):
+        prep = finetune.prepare(base, name, rank=rank)
+        assert {a.mode for a in bone.adapters(prep.model).values()} == {mode}
+        assert prep.count() == finetune.lora_count(base, rank) == count_trainable(prep.model)
+    with pytest.raises(ValueError, match="no block size matches"):
+        bone.block_size_for(base, 4)
+    ft = finetune.finetune(base, "Bone", train, finetune.Recipe(steps=3, batch_size=4, lr=1e-2), rank=rank)
+    st = bone.update_structure(ft.model, base, 16)
+    assert (st["rank"] <= 16).all() and st["shared fraction"].min() > 1 - 1e-9 and len(ft.history["loss"]) == 3
+    with pytest.raises(ValueError, match="unknown adaptation method 'DoRA'"):
+        finetune.prepare(base, "DoRA", rank=rank)
 
 
 # ------------------------------------------------------------------------------------------------ peft
