@@ -167,6 +167,33 @@ def test_registered_with_the_finetune_kit_on_a_tiny_model():
         finetune.prepare(base, "DoRA", rank=rank)
 
 
+def test_weight_guide_lifts_bat_update_above_rank_r():
+    """(B1) with a generic W: (W_{a,c} + I) D_a differs from block to block, so rank(Delta W) > r, unlike Bone's."""
+    g = torch.Generator().manual_seed(3)
+    a = BoneLinear(_lin(64, 32), 4, "bat")
+    with torch.no_grad():
+        a.block.copy_(torch.randn(a.block.shape, generator=g, dtype=F64))
+    assert torch.linalg.matrix_rank(a.delta_weight()) > 4
+
+
+def test_step_zero_on_tinygpt_through_the_kit():
+    """Chapter 19's step-0 facts on a TinyGPT: Bat/Bone/LoRA leave the outputs unchanged, Bat's and Bone's
+    gradients are non-zero, LoRA's dL/dA is exactly zero, PiSSA starts at the base to float32 precision."""
+    from rwlib.data.tasks import MultiplyTask
+
+    torch.manual_seed(0)
+    base = TinyGPT(97, 16, 1, 32, 4).eval()
+    problems = MultiplyTask(10, 19).all_problems()[:16]
+    for method in ("Bat", "Bone", "LoRA", "PiSSA", "Full FT"):
+        out = bone.init_gradients(base, method, problems, rank=9, seed=0)
+        assert out["output change"] <= (1e-5 if method == "PiSSA" else 0.0), method
+        assert out["grad norm"] > 0, method
+        if method == "LoRA":
+            assert out["grad A"] == 0.0 and out["grad B"] > 0
+    with pytest.raises(TypeError):
+        bone.init_gradients(base, "LoRA", problems, rank=9, seed=0, r=16)  # r is a Bat/Bone option only
+
+
 # ------------------------------------------------------------------------------------------------ peft
 peft = pytest.importorskip("peft")
 
