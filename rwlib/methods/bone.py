@@ -224,15 +224,18 @@ bat_builder = finetune.register("Bat")(_builder("bat"))      # (B1), the paper's
 bone_builder = finetune.register("Bone")(_builder("bone"))   # (B4), v4+ "Bone", the Weight Guide off
 
 
-def init_gradients(base: nn.Module, method: str, problems: list, *, rank: int, seed: int, **options) -> dict:
-    """The paper's gradient-at-initialisation measure (``assets/grad.png``): one forward/backward of the
-    fine-tuning loss on ``problems`` for ``method`` prepared by :func:`rwlib.finetune.prepare`. Returns the largest
-    |logit change| against ``base``, the gradient norm over the trainable parameters (for full fine-tuning: over
-    the block linears' weights, the matrices the adapters wrap) and, for LoRA-type adapters, the norms of
-    dL/dA and dL/dB."""
+def init_gradients(base: nn.Module, method: str, problems: list, *, r: int, seed: int) -> dict:
+    """The paper's gradient-at-initialisation measure (``assets/grad.png``) at block size ``r``: one
+    forward/backward of the fine-tuning loss on ``problems`` for ``method`` prepared by
+    :func:`rwlib.finetune.prepare` -- Bat and Bone at block size ``r``, the other methods at the LoRA rank with
+    the same count (:func:`lora_rank_for`, rounded, at least 1). Returns the largest |logit change| against
+    ``base``, the gradient norm over the trainable parameters (for full fine-tuning: over the block linears'
+    weights, the matrices the adapters wrap) and, for LoRA-type adapters, the norms of dL/dA and dL/dB."""
     from rwlib.data.tasks import sft_batch
     from rwlib.models import module_device
 
+    rank = max(1, round(lora_rank_for(base, r)))
+    options = {"r": r} if method in ("Bat", "Bone") else {}
     prep = finetune.prepare(base, method, rank=rank, seed=seed, **options)
     model, params = prep.model, prep.params
     x, y, mask = (t.to(module_device(base)) for t in sft_batch(problems))
@@ -241,7 +244,8 @@ def init_gradients(base: nn.Module, method: str, problems: list, *, rank: int, s
     finetune.sft_objective(model, x, y, mask).backward()
     if not adapters(model):
         params = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and block_linears(n, m)]
-    out = {"output change": change, "grad norm": float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))}
+    out = {"lora rank": rank, "output change": change,
+           "grad norm": float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))}
     ads = [a for a in adapters(model).values() if hasattr(a, "A")]
     if ads:
         out["grad A"] = float(torch.sqrt(sum(a.A.grad.pow(2).sum() for a in ads)))
