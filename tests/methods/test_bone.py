@@ -167,6 +167,22 @@ def test_registered_with_the_finetune_kit_on_a_tiny_model():
         finetune.prepare(base, "DoRA", rank=rank)
 
 
+def test_bat_fused_forward_equals_base_plus_adapter():
+    """Bat's forward computes one product with W + Delta W; it equals W x + b + Delta W x (and its gradients)."""
+    a = BoneLinear(_lin(24, 16), 4, "bat")
+    with torch.no_grad():
+        a.block.normal_(0, 0.3)
+    x = torch.randn(5, 24, dtype=F64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y = a(x)
+    y2 = a.base(x2) + a.adapter_forward(x2)
+    assert torch.allclose(y, y2, atol=1e-12, rtol=0)
+    g1, = torch.autograd.grad(y.pow(2).sum(), a.block)
+    g2, = torch.autograd.grad(y2.pow(2).sum(), a.block)
+    assert torch.allclose(g1, g2, atol=1e-12, rtol=0)
+    assert a.base.weight.grad is None
+
+
 def test_weight_guide_lifts_bat_update_above_rank_r():
     """(B1) with a generic W: (W_{a,c} + I) D_a differs from block to block, so rank(Delta W) > r, unlike Bone's."""
     g = torch.Generator().manual_seed(3)
