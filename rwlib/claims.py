@@ -120,7 +120,7 @@ class Ledger:
         self.claims.append(claim)
         return claim
 
-    def check(self, name: str, *, source: str = "not anchored yet", paper: str, ours, relation: str, target, robust: bool = True,
+    def check(self, name: str, *, source: str, paper: str, ours, relation: str, target, robust: bool = True,
               tol: float = 0.0, note: str = "", paper_value=None) -> Claim:
         """Record ``ours <relation> target``; ``held`` is computed here (never typed in). A NaN never holds."""
         if relation not in RELATIONS:
@@ -134,7 +134,7 @@ class Ledger:
         return self._add(Claim(name, source, paper, ours, relation, plain(target), held, robust, note,
                                plain(paper_value), "held" if held else "not held"))
 
-    def better(self, name: str, *, source: str = "not anchored yet", paper: str, method, baseline, higher: bool = True,
+    def better(self, name: str, *, source: str, paper: str, method, baseline, higher: bool = True,
                k: float = 2.0, floor: float | None = None, robust: bool = True, note: str = "",
                paper_value=None) -> Claim:
         """Record "method beats baseline" from paired measurements (same seeds/repeats, same order).

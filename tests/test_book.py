@@ -58,7 +58,6 @@ def test_chapter_contract(ch):
 MAX_CODE_LINE = 100
 
 
-@pytest.mark.xfail(strict=False, reason="chapters being shortened")
 def test_chapter_code_lines_fit_the_page():
     """No code line of a chapter is longer than the rendered code cell shows without scrolling."""
     long = []

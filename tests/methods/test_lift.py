@@ -180,24 +180,32 @@ def test_lift_mask_is_recomputed_from_current_weights():
 
 # ---------------------------------------------------------------------------------------------- drivers, errors
 def test_methods_train_the_intended_parameters():
+    from rwlib import finetune
+
     torch.manual_seed(0)
     base = TinyGPT(97, block_size=16, n_layer=1, n_embd=32, n_head=2)
+    recipe = finetune.Recipe(steps=1, batch_size=1, lr=1e-3, optimizer="adam", betas=(0.9, 0.95))
     lora_params = None
-    for method in lift.METHODS:
-        model, opt = lift._make(base, method, lr=1e-3, betas=(0.9, 0.95), lora_rank=2, filter_rank=2,
-                                update_interval=None, select="largest", seed=0)
+    for method in ("Full FT", "LoRA", "Magnitude", "Random", "LIFT"):
+        prep = finetune.prepare(base, method, rank=2, filter_rank=2, update_interval=None) \
+            if method not in ("Full FT", "LoRA") else finetune.prepare(base, method, rank=2)
+        model = prep.model
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if method == "Full FT":
             assert trainable == {n for n, _ in base.named_parameters()}
         elif method == "LoRA":
             assert all(n.endswith((".A", ".B")) for n in trainable)
             lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            assert lora_params == finetune.lora_count(base, 2)
         else:
             assert trainable == {f"{n}.weight" for n in lift.model_linears(model)}
-            assert opt.state_floats() == 2 * lora_params  # same budget as the rank-matched LoRA
+            opt = prep.make_optimizer(recipe)
+            assert isinstance(opt, lift.LIFTAdam) and opt.defaults["betas"] == (0.9, 0.95)
+            assert opt.state_floats() == 2 * lora_params == 2 * prep.count()  # same budget as the LoRA
 
 
 def test_finetune_changes_only_selected_entries():
+    from rwlib import finetune
     from rwlib.data.tasks import MultiplyTask
     from rwlib.finetune import exact_match
 
@@ -206,8 +214,9 @@ def test_finetune_changes_only_selected_entries():
     task = MultiplyTask(2, 9)
     problems = task.all_problems()
     assert len(problems) == 64
-    model, opt, hist = lift.finetune(base, "LIFT", problems, steps=6, batch_size=8, lr=1e-2, seed=0,
-                                     lora_rank=2, filter_rank=2, update_interval=3)
+    recipe = finetune.Recipe(steps=6, batch_size=8, lr=1e-2, optimizer="adam", betas=(0.9, 0.95))
+    ft = finetune.finetune(base, "LIFT", problems, recipe, rank=2, filter_rank=2, update_interval=3)
+    model, opt = ft.model, ft.optimizer
     assert opt.refreshes == [2, 5]
     before = dict(base.named_parameters())
     for name, p in model.named_parameters():
@@ -242,6 +251,7 @@ def test_bad_inputs_name_the_valid_choices():
         lift.LIFTAdam([p], lora_rank=1, update_interval=0)
     with pytest.raises(ValueError, match="2-D"):
         lift.LIFTAdam([torch.nn.Parameter(torch.randn(5))], lora_rank=1)
-    with pytest.raises(ValueError, match="Full FT, LoRA, Magnitude, Random, LIFT"):
-        lift._make(TinyGPT(97, 16, 1, 32, 2), "DoRA", lr=1e-3, betas=(0.9, 0.95), lora_rank=2, filter_rank=2,
-                   update_interval=None, select="largest", seed=0)
+    from rwlib import finetune
+
+    with pytest.raises(ValueError, match="LIFT, Magnitude, Random"):
+        finetune.prepare(TinyGPT(97, 16, 1, 32, 2), "DoRA", rank=2)
