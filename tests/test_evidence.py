@@ -9,6 +9,7 @@ from rwlib import catalog, seeds
 
 CHAPTERS = catalog.written_chapters()
 
+
 @pytest.mark.parametrize("ch", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_committed_sweep_is_fresh(ch):
     assert seeds.verify(ch) == []
