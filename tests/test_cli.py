@@ -20,7 +20,7 @@ def test_list_prints_every_chapter(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["run", "99"], "unknown chapter '99'; valid: 01 (shrinkmatch)"),
     (["run", "nope"], "unknown chapter 'nope'; valid:"),
-    (["run", "02"], "chapter 02 (meta-loss-rescaling) is not written yet; valid:"),
+    (["run", "05"], "chapter 05 (kernel-balancing) is not written yet; valid:"),
     (["run", "24", "--mode", "fast"], "unknown mode 'fast'; valid: quick, full, auto"),
     (["run", "24", "--seed", "-3"], "bad seed '-3': expected an integer in 0..4294967295"),
     (["run", "24", "--seed", "abc"], "bad seed 'abc'"),
@@ -49,7 +49,7 @@ def _fake_book(root, body: str):
 
 GOOD = """from rwlib.claims import Ledger
 led = Ledger(24, mode=mode, seed=seed)
-led.check("injected", paper="-", ours=seed, relation="~=", target=7)
+led.check("injected", source="ours (control)", paper="-", ours=seed, relation="~=", target=7)
 led.finish()"""
 
 

@@ -53,7 +53,7 @@ def _stub_book(root: Path, marker: Path) -> Path:
 from pathlib import Path
 from rwlib.claims import Ledger
 led = Ledger(24, mode=mode, seed=seed)
-led.check("stub", paper="-", ours=1, relation="~=", target=1)
+led.check("stub", source="ours (control)", paper="-", ours=1, relation="~=", target=1)
 led.finish()
 worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 Path({str(marker)!r}).write_text(str(os.getpid()))
