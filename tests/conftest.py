@@ -45,3 +45,28 @@ def executed_chapter(executed, request):
     if ch.number not in executed:
         pytest.skip(f"{ch.stem} not executed in this run (RWLIB_TEST_CHAPTERS)")
     return executed[ch.number]
+
+
+def write_stub_book(root: Path, body: str) -> Path:
+    """A repository tree whose chapter 24 is a tiny notebook running ``body`` after its parameters cell (for the
+    runner's tests: nothing of the real chapter runs)."""
+    import nbformat
+
+    from rwlib import catalog
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('mode = "auto"\nseed = 0', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(body),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = root / catalog.chapter(24).notebook
+    path.parent.mkdir(parents=True)
+    nbformat.write(nb, path)
+    return root
+
+
+@pytest.fixture
+def stub_book():
+    """:func:`write_stub_book` as a fixture."""
+    return write_stub_book
+

@@ -5,7 +5,6 @@ Execution is tested on tiny stand-in notebooks in a temporary book tree, so no r
 
 import json
 
-import nbformat
 import pytest
 
 from rwlib import catalog, cli, runner
@@ -34,27 +33,14 @@ def test_bad_input_is_refused_before_running(argv, message, capsys, tmp_path):
     assert not out.exists(), "nothing may run (or be written) when the input is refused"
 
 
-def _fake_book(root, body: str):
-    """A repository tree whose chapter 24 is a tiny notebook running ``body`` after its parameters cell."""
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell('mode = "auto"\nseed = 0', metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(body),
-    ])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = root / catalog.chapter(24).notebook
-    path.parent.mkdir(parents=True)
-    nbformat.write(nb, path)
-    return root
-
-
 GOOD = """from rwlib.claims import Ledger
 led = Ledger(24, mode=mode, seed=seed)
 led.check("injected", source="ours (control)", paper="-", ours=seed, relation="~=", target=7)
 led.finish()"""
 
 
-def test_runner_injects_parameters_and_writes_ledger(tmp_path):
-    root = _fake_book(tmp_path / "repo", GOOD)
+def test_runner_injects_parameters_and_writes_ledger(tmp_path, stub_book):
+    root = stub_book(tmp_path / "repo", GOOD)
     r = runner.run_one(catalog.chapter(24), mode="quick", seed=7, out=tmp_path / "out", threads=1, root=root)
     assert r.ok, r.errors
     led = json.loads((tmp_path / "out" / "24-adamp.json").read_text())
@@ -63,14 +49,14 @@ def test_runner_injects_parameters_and_writes_ledger(tmp_path):
     assert "claims 1/1 held (robust 1/1)" in r.line()
 
 
-def test_runner_reports_stderr_output(tmp_path):
-    root = _fake_book(tmp_path / "repo", GOOD + "\nimport warnings; warnings.warn('careful')")
+def test_runner_reports_stderr_output(tmp_path, stub_book):
+    root = stub_book(tmp_path / "repo", GOOD + "\nimport warnings; warnings.warn('careful')")
     r = runner.run_one(catalog.chapter(24), mode="quick", seed=7, out=tmp_path / "out", threads=1, root=root)
     assert not r.ok and any("careful" in e for e in r.errors)
 
 
-def test_cli_exits_nonzero_when_a_chapter_raises(tmp_path, monkeypatch, capsys):
-    root = _fake_book(tmp_path / "repo", "raise RuntimeError('boom')")
+def test_cli_exits_nonzero_when_a_chapter_raises(tmp_path, monkeypatch, capsys, stub_book):
+    root = stub_book(tmp_path / "repo", "raise RuntimeError('boom')")
     monkeypatch.setattr(catalog, "ROOT", root)
     assert cli.main(["run", "24", "--out", str(tmp_path / "out")]) == 1
     out = capsys.readouterr().out

@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 
 from rwlib import catalog
+
+from conftest import write_stub_book
 
 ROOT = catalog.ROOT
 
@@ -58,15 +59,7 @@ led.finish()
 worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 Path({str(marker)!r}).write_text(str(os.getpid()))
 time.sleep(120)"""
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell('mode = "auto"\nseed = 0', metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(body),
-    ])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = root / catalog.chapter(24).notebook
-    path.parent.mkdir(parents=True)
-    nbformat.write(nb, path)
-    return root
+    return write_stub_book(root, body)
 
 
 def _wait_for(predicate, timeout: float, what: str):
