@@ -59,16 +59,16 @@ MAX_CODE_LINE = 100
 
 
 def test_chapter_code_lines_fit_the_page():
-    """No code line of a chapter is longer than the rendered code cell shows without scrolling."""
+    """No code line of a chapter (or of the tour) is longer than the rendered code cell shows without scrolling."""
     long = []
-    for ch in CHAPTERS:
-        nb = json.loads((ROOT / ch.notebook).read_text())
+    for stem, path in [(ch.stem, ROOT / ch.notebook) for ch in CHAPTERS] + [("tour", ROOT / "book" / "tour.ipynb")]:
+        nb = json.loads(path.read_text())
         for i, cell in enumerate(nb["cells"]):
             if cell["cell_type"] != "code":
                 continue
             for n, line in enumerate("".join(cell["source"]).splitlines(), 1):
                 if len(line) > MAX_CODE_LINE:
-                    long.append(f"{ch.stem} cell {i} line {n}: {len(line)} characters")
+                    long.append(f"{stem} cell {i} line {n}: {len(line)} characters")
     assert not long, f"code lines over {MAX_CODE_LINE} characters:\n" + "\n".join(long)
 
 
