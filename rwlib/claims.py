@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import catalog
-from .atomic import write_json_atomic  # noqa: F401  (re-exported: older callers)
+from .atomic import write_json_atomic
 
 RELATIONS = {
     ">=": lambda a, b, tol: a >= b - tol,
@@ -89,9 +89,6 @@ def fmt(x) -> str:
             return str(int(x))
         return f"{x:.3g}"
     return str(x)
-
-
-_fmt = fmt
 
 
 def seed_sweep(chapter) -> dict | None:

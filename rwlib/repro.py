@@ -140,9 +140,6 @@ class Run:
         """The run's named random stream (:func:`stream`)."""
         return stream(self.seed, name)
 
-    def generator(self, offset: int = 0) -> torch.Generator:
-        """A CPU generator seeded with ``seed * 1000 + offset`` (older chapters; new code uses :meth:`stream`)."""
-        return torch.Generator().manual_seed(self.seed * 1000 + offset)
 
 
 def setup(mode: str = "auto", seed: int = 0, *, quick: dict, full: dict) -> Run:
