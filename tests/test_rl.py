@@ -186,6 +186,35 @@ def test_train_grpo_smoke_and_evaluate():
     assert 0 <= e["pass@1"] <= e["pass@4"] <= 1
 
 
+
+@pytest.mark.parametrize("which", ["rollout", "current"])
+def test_token_weight_fn_gets_the_rollout_entropy_or_the_current_one(which):
+    """With two PPO epochs the policy has moved by the second pass: the rollout entropy is the sampling
+    policy's (recorded once, as verl does), the current one is recomputed."""
+    torch.manual_seed(0)
+    m = TinyGPT(97, 16, 1, 16, 2)
+    t = AdditionTask(1, 1)
+    seen = []
+
+    def fn(adv, ent, logp, logp_old, mask):
+        seen.append(ent.clone())
+        return torch.ones_like(logp)
+
+    cfg = GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=3, ppo_epochs=2, weight_entropy=which)
+    gen = torch.Generator().manual_seed(0)
+    train_grpo(m, torch.optim.AdamW(m.parameters(), 5e-2), t, cfg, 2, gen, token_weight_fn=fn)
+    ro = sample_completions(m, t.sample(2, torch.Generator().manual_seed(3)), 4, 3, torch.Generator())
+    assert ro.entropy_old.shape == ro.logp_old.shape
+    assert torch.allclose(ro.entropy_old, sequence_logprobs(m.eval(), ro.tokens, ro.prompt_len)[1])
+    # rows come in a random order per epoch: compare the sorted values of the two passes
+    a, b = (torch.sort(e.flatten()).values for e in seen)
+    assert torch.equal(a, b) == (which == "rollout")
+
+
+def test_bad_weight_entropy_names_the_choices():
+    with pytest.raises(ValueError, match="'old'.*rollout, current"):
+        GRPOConfig(weight_entropy="old")
+
 # ------------------------------------------------------------------------------------------------ TRL
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL cross-check needs `trl`")
 from trl.trainer.utils import entropy_from_logits, nanstd  # noqa: E402

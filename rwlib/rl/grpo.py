@@ -7,7 +7,10 @@ policy moves away from the sampling policy and the clipping matters.
 
 Hooks used by the chapters:
 
-- ``token_weight_fn(adv, entropy, logp, logp_old, mask) -> (N, T)`` per-token weights (STEER);
+- ``token_weight_fn(adv, entropy, logp, logp_old, mask) -> (N, T)`` per-token weights (STEER). ``entropy`` is
+  the sampling policy's, recorded at rollout time, as in the official STEER code (verl computes it with the
+  old log-probs and recomputes only the log-probs at update time); ``weight_entropy="current"`` passes the
+  entropy of the policy being updated instead;
 - ``on_rollout(rollout) -> dict`` called after each rollout is scored (ReLIFT buffers the all-fail questions
   and takes its fine-tuning steps there); its returned metrics are recorded.
 """
@@ -22,6 +25,9 @@ import torch
 from ..train import History, loop
 from .losses import clipped_pg_loss, group_advantages
 from .rollout import Rollout, sample_completions, score, sequence_logprobs
+
+
+WEIGHT_ENTROPY = ("rollout", "current")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,11 @@ class GRPOConfig:
     minibatches: int = 1
     entropy_coef: float = 0.0       # entropy bonus: loss -= coef * mean token entropy
     grad_clip: float | None = 1.0
+    weight_entropy: str = "rollout"  # entropy given to token_weight_fn: rollout (old policy) | current
+
+    def __post_init__(self):
+        if self.weight_entropy not in WEIGHT_ENTROPY:
+            raise ValueError(f"unknown weight_entropy {self.weight_entropy!r}; valid: {', '.join(WEIGHT_ENTROPY)}")
 
     def but(self, **kw) -> "GRPOConfig":
         return replace(self, **kw)
@@ -83,7 +94,8 @@ def train_grpo(model, optimizer, task, cfg: GRPOConfig, updates: int, generator:
         w = None
         if token_weight_fn is not None:
             with torch.no_grad():
-                w = token_weight_fn(adv, ent.detach(), logp.detach(), ro.logp_old[idx], mask)
+                h = ro.entropy_old[idx] if cfg.weight_entropy == "rollout" else ent.detach()
+                w = token_weight_fn(adv, h, logp.detach(), ro.logp_old[idx], mask)
         loss, info = clipped_pg_loss(logp, ro.logp_old[idx], adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                                      clip=cfg.clip, clip_c=cfg.clip_c, token_weights=w, agg=cfg.agg,
                                      max_len=cfg.max_new_tokens)

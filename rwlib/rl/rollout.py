@@ -25,6 +25,7 @@ class Rollout:
     mask: torch.Tensor               # (N, T) 1 up to and including the first stop symbol
     logp_old: torch.Tensor           # (N, T) log-prob of each sampled token under the sampling policy
     texts: list[str]                 # N completions, cut after the stop symbol
+    entropy_old: torch.Tensor | None = None        # (N, T) the sampling policy's entropy at each position
     rewards: torch.Tensor | None = None            # (N,)
     advantages: torch.Tensor | None = None         # (N,)
 
@@ -54,17 +55,18 @@ def completion_mask(completion: torch.Tensor, stop_id: int = STOP_ID) -> torch.T
 @torch.no_grad()
 def sample_completions(model, problems: list[Problem], group_size: int, max_new_tokens: int,
                        generator: torch.Generator, temperature: float = 1.0, top_k: int | None = None) -> Rollout:
-    """Sample ``group_size`` completions for each problem (batched) and record their log-probs."""
+    """Sample ``group_size`` completions for each problem (batched) and record their log-probs and the
+    sampling policy's entropy at each position (verl records it at rollout time too)."""
     prompts = encode_prompts(problems).repeat_interleave(group_size, 0).to(module_device(model))
     tokens = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     P = prompts.shape[1]
     mask = completion_mask(tokens[:, P:])
     with eval_mode(model):
-        logp_old, _ = sequence_logprobs(model, tokens, P, with_entropy=False)
+        logp_old, entropy_old = sequence_logprobs(model, tokens, P)
     texts = []
     for row, m in zip(tokens[:, P:].tolist(), mask.sum(1).int().tolist()):
         texts.append(TOKENIZER.decode(row[:m]))
-    return Rollout(problems, group_size, tokens, P, mask, logp_old, texts)
+    return Rollout(problems, group_size, tokens, P, mask, logp_old, texts, entropy_old=entropy_old)
 
 
 def score(task, rollout: Rollout) -> torch.Tensor:
