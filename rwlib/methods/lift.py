@@ -60,7 +60,7 @@ from rwlib import finetune
 __all__ = [
     "lift_budget", "lowrank_approx", "principal_mask", "brute_force_mask", "magnitude_mask", "random_mask", "jaccard", "LIFTAdam",
     "lift_builder", "magnitude_builder", "random_builder", "block_dense_builder",
-    "frontier", "forgetting_at", "matched_forgetting", "mask_overlap", "model_linears", "minilm_linears",
+    "frontier", "forgetting_at", "matched_forgetting", "matched_summary", "mask_overlap", "model_linears", "minilm_linears",
 ]
 
 SELECTS = ("largest", "smallest")
@@ -395,6 +395,22 @@ def matched_forgetting(table, method: str, baseline: str, by: str = "family", ba
                       method: forgetting_at(a[acc], a[forgetting], level, base_acc),
                       baseline: forgetting_at(b[acc], b[forgetting], level, base_acc)}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("seed")
+
+
+def matched_summary(table, method: str, baselines, by: str = "family", base_acc: float = 0.0,
+                    acc: str = "exact match", forgetting: str = "forgetting"):
+    """:func:`matched_forgetting` of ``method`` against each of ``baselines``, summarised over seeds: a frame
+    indexed by baseline with the mean matched level, the mean forgetting of the method and of the baseline
+    there, the mean gap (baseline minus method: positive = the method forgets less), ``wins`` (seeds where
+    the method forgets strictly less) and ``n`` (seeds)."""
+    import pandas as pd
+
+    rows = {}
+    for b in baselines:
+        m = matched_forgetting(table, method, b, by, base_acc, acc, forgetting)
+        rows[b] = {"level": m["level"].mean(), "method": m[method].mean(), "baseline": m[b].mean(),
+                   "gap": (m[b] - m[method]).mean(), "wins": int((m[method] < m[b]).sum()), "n": len(m)}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def mask_overlap(weights: dict, ranks, lora_rank: int, select: str = "largest"):

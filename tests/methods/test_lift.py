@@ -322,6 +322,10 @@ def test_matched_forgetting_reads_both_frontiers_at_the_lower_best_accuracy():
     assert m.loc[1, "A"] == pytest.approx(1.0) and m.loc[1, "B"] == pytest.approx(0.2 + 2.8 * 0.2 / 0.5)
     with pytest.raises(ValueError, match="valid: A, B"):
         lift.matched_forgetting(t, "A", "C")
+    summ = lift.matched_summary(t, "A", ["B"])
+    assert summ.loc["B", "wins"] == 2 and summ.loc["B", "n"] == 2      # A forgets less at both seeds
+    assert summ.loc["B", "gap"] == pytest.approx(((3.0 - 2.0) + (1.32 - 1.0)) / 2)
+    assert summ.loc["B", "level"] == pytest.approx(0.25)
 
 
 def test_bad_inputs_name_the_valid_choices():
