@@ -33,10 +33,15 @@ Equations (numbers referred to in the code)
      respect to Q(s, .) is softmax(Q(s, .)) - onehot(a_data): it lowers every action in proportion to its
      softmax weight and raises the action in the data, so actions the data never tried are pushed down.
 (E7) Deployment: on a larger, unseen model the agent picks a_t = argmax_a Q(s_t, a) at every stage.
+(E8) Flatness of the learned values (ours, a diagnostic): per state, the spread max_a Q - min_a Q and
+     log sum_a exp Q(s, a) - mean_a Q(s, a) - log |A| = KL(uniform || softmax Q(s, .)) >= 0, zero only when all
+     actions have the same value. With uniformly random behaviour actions the CQL term of (E6) averages
+     log |A| + that KL, so a CQL term that ends near log |A| means nearly flat Q-values.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import numpy as np
@@ -50,7 +55,8 @@ from rwlib.rl.offline import QNet, Transitions, cql_loss, fit_cql, value_iterati
 __all__ = ["SOURCE", "TARGET", "DOMAINS", "ACTIONS", "ACTION_NAMES", "action_index", "balanced_score",
            "make_state", "STATE_DIM", "domain_losses", "field_losses", "run_cpt", "Transitions",
            "transitions", "source_share", "QNet", "cql_loss", "fit_cql", "DataMixingAgent", "constant",
-           "decaying_replay", "random_policy", "BASELINES", "baseline", "value_iteration"]
+           "decaying_replay", "random_policy", "BASELINES", "baseline", "value_iteration", "collect_trajectories",
+           "fit_agent", "q_flatness"]
 
 SOURCE = ("code", "prose", "grammar")
 TARGET = ("addition", "multiply")
@@ -189,16 +195,21 @@ def random_policy(generator: torch.Generator, n_actions: int = len(ACTIONS)) -> 
     return lambda state, t: int(torch.randint(n_actions, (1,), generator=generator))
 
 
-BASELINES = ("target only", "uniform", "50% replay", "decaying replay")
+BASELINES = ("target only", "uniform", "50% replay", "decaying replay", "random")
 
 
-def baseline(name: str, T: int) -> Callable:
-    """A baseline policy by name: one of :data:`BASELINES` or any constant mixture of :data:`ACTION_NAMES`."""
+def baseline(name: str, T: int, generator: torch.Generator | None = None) -> Callable:
+    """A baseline policy by name: one of :data:`BASELINES` or any constant mixture of :data:`ACTION_NAMES`.
+    ``"random"`` is the behaviour policy of the trajectories (:func:`random_policy`) and draws from ``generator``."""
     if name == "decaying replay":
         return decaying_replay(T)
+    if name == "random":
+        if generator is None:
+            raise ValueError("baseline 'random' needs a generator (the stream its mixtures are drawn from)")
+        return random_policy(generator)
     if name in ACTION_NAMES:
         return constant(name)
-    raise ValueError(f"unknown baseline {name!r}; valid: decaying replay, {', '.join(ACTION_NAMES)}")
+    raise ValueError(f"unknown baseline {name!r}; valid: decaying replay, random, {', '.join(ACTION_NAMES)}")
 
 
 # ------------------------------------------------------------------------------------------- trajectories
@@ -221,6 +232,39 @@ def source_share(actions) -> float:
     """The mean share of source-field data in the batches of a run that picked ``actions`` (the paper's
     "less source-field data")."""
     return float(ACTIONS[list(actions)][:, :len(SOURCE)].sum(1).mean())
+
+
+def collect_trajectories(proxy: nn.Module, corpus, J: int, policy: Callable, *, generator: torch.Generator,
+                         **cpt) -> list[dict]:
+    """(E5) J runs of :func:`run_cpt`, each on a fresh deep copy of the same ``proxy`` (fresh optimizer), under the
+    behaviour ``policy`` (the paper: random mixtures); batches from ``generator``. Returns the J records."""
+    if J < 1:
+        raise ValueError(f"bad J={J}: need at least one trajectory")
+    return [run_cpt(copy.deepcopy(proxy), corpus, policy, generator=generator, **cpt) for _ in range(J)]
+
+
+def fit_agent(data: Transitions, *, alpha: float, gamma: float, steps: int, seed: int) -> "DataMixingAgent":
+    """(E6) the agent of one offline dataset: discrete CQL with the rewards divided by their standard deviation
+    (ours: CQL's ``alpha`` acts against the reward scale). The agent keeps ``history`` (td and cql per step) and
+    ``reward_sd``."""
+    sd = float(data.rew.std())
+    if not sd > 0:
+        raise ValueError(f"bad dataset: the rewards have standard deviation {sd}; need > 0 to scale them")
+    q, hist = fit_cql(data, len(ACTIONS), alpha=alpha, gamma=gamma, steps=steps, seed=seed, reward_scale=1 / sd)
+    agent = DataMixingAgent(q)
+    agent.history, agent.reward_sd = hist, sd
+    return agent
+
+
+@torch.no_grad()
+def q_flatness(q: nn.Module, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(E8) per state of ``obs``: ``spread`` = max_a Q - min_a Q and ``kl`` = logsumexp_a Q - mean_a Q - log|A|
+    (KL from the uniform distribution to softmax Q; 0 when every action has the same value)."""
+    qs = q(obs)
+    if qs.ndim != 2:
+        raise ValueError(f"need a batch of states (N, {STATE_DIM}); got Q-values of shape {tuple(qs.shape)}")
+    kl = torch.logsumexp(qs, 1) - qs.mean(1) - float(np.log(qs.shape[1]))
+    return {"spread": qs.max(1).values - qs.min(1).values, "kl": kl}
 
 
 class DataMixingAgent:

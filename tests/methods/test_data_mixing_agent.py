@@ -73,16 +73,56 @@ def test_action_grid_and_baselines():
     replay = [float(dma.ACTIONS[decay(None, t), :3].sum()) for t in range(6)]
     assert replay[0] == pytest.approx(0.5) and replay[-1] == pytest.approx(0.1) and replay == sorted(replay)[::-1]
     assert dma.baseline("uniform", 6)(None, 0) == dma.action_index("uniform")
+    rand = dma.baseline("random", 6, generator=torch.Generator().manual_seed(0))
+    picks = [rand(None, t) for t in range(800)]
+    assert set(picks) == set(range(len(dma.ACTIONS))) and max(map(picks.count, set(picks))) < 150  # 100 each
 
 
 def test_bad_inputs_name_the_valid_choices(tiny):
     corpus, model = tiny
     with pytest.raises(ValueError, match="valid: target only, 10% replay"):
         dma.action_index("everything")
-    with pytest.raises(ValueError, match="unknown baseline 'oracle'.*decaying replay"):
+    with pytest.raises(ValueError, match="unknown baseline 'oracle'.*decaying replay, random"):
         dma.baseline("oracle", 6)
+    with pytest.raises(ValueError, match="'random' needs a generator"):
+        dma.baseline("random", 6)
     with pytest.raises(ValueError, match=r"bad action 99.*0\.\.7.*0=target only"):
         dma.run_cpt(model, corpus, lambda s, t: 99, T=1, S=1, batch=2, block=16,
                     generator=torch.Generator().manual_seed(0), n_eval_windows=1)
     with pytest.raises(ValueError, match="at least one trajectory"):
         dma.transitions([])
+
+
+def test_q_flatness_is_zero_only_for_flat_values():
+    table = _table(2, 4)
+    with torch.no_grad():
+        table.weight[:, 1] = torch.tensor([0.0, 1.0, 2.0, 3.0])   # state 1: Q = 0, 1, 2, 3; state 0: flat (0)
+    f = dma.q_flatness(table, torch.eye(2))
+    assert f["spread"].tolist() == pytest.approx([0.0, 3.0])
+    q1 = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    kl = (torch.full((4,), 0.25) * (torch.full((4,), 0.25).log() - torch.log_softmax(q1, 0))).sum()
+    assert f["kl"][0] == pytest.approx(0.0, abs=1e-6) and f["kl"][1] == pytest.approx(float(kl), rel=1e-5)
+    with pytest.raises(ValueError, match="batch of states"):
+        dma.q_flatness(lambda s: s.sum(), torch.eye(2))
+
+
+def test_trajectories_start_from_the_same_proxy_and_the_agent_is_scale_free(tiny):
+    corpus, model = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    recs = dma.collect_trajectories(model, corpus, 3, dma.random_policy(g), generator=g, T=2, S=1, batch=4,
+                                    block=16, n_eval_windows=2)
+    assert len(recs) == 3 and all(r["losses"][0] == recs[0]["losses"][0] for r in recs)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # the proxy is not trained
+    data = dma.transitions(recs)
+    a1 = dma.fit_agent(data, alpha=0.1, gamma=0.9, steps=20, seed=0)
+    scaled = dma.Transitions(data.obs, data.act, 10 * data.rew, data.next_obs, data.done)
+    a10 = dma.fit_agent(scaled, alpha=0.1, gamma=0.9, steps=20, seed=0)
+    assert a10.reward_sd == pytest.approx(10 * a1.reward_sd)                      # rewards enter in sd units
+    assert torch.allclose(a1.values(data.obs[0]), a10.values(data.obs[0]), atol=1e-4)
+    assert len(a1.history["cql"]) == 20
+    with pytest.raises(ValueError, match="J=0"):
+        dma.collect_trajectories(model, corpus, 0, dma.random_policy(g), generator=g, T=1, S=1)
+    flat = dma.Transitions(data.obs, data.act, torch.zeros(len(data)), data.next_obs, data.done)
+    with pytest.raises(ValueError, match="standard deviation 0"):
+        dma.fit_agent(flat, alpha=0.1, gamma=0.9, steps=5, seed=0)
