@@ -104,6 +104,23 @@ def test_weights_of_one_change_nothing_and_dual_clip_bounds():
 
 
 # ------------------------------------------------------------------------------------------------ pass@k
+def test_log_ratio_clamp_only_acts_beyond_its_bound():
+    g = torch.Generator().manual_seed(5)
+    logp = torch.randn(6, 4, generator=g, requires_grad=True)
+    old = logp.detach() + 0.5 * torch.randn(6, 4, generator=g)
+    adv, mask = torch.randn(6, generator=g), torch.ones(6, 4)
+    a, _ = clipped_pg_loss(logp, old, adv, mask, with_metrics=False)
+    b, _ = clipped_pg_loss(logp, old, adv, mask, with_metrics=False, log_ratio_clamp=None)
+    assert torch.equal(a, b)
+    far = old.clone()
+    far[0, 0] = logp[0, 0].detach() - 30.0          # a ratio of e^30 on one token
+    ga, = torch.autograd.grad(clipped_pg_loss(logp, far, -adv.abs(), mask, with_metrics=False)[0], logp)
+    gb, = torch.autograd.grad(clipped_pg_loss(logp, far, -adv.abs(), mask, with_metrics=False,
+                                              log_ratio_clamp=None)[0], logp)
+    assert ga[0, 0] == 0 and gb[0, 0].abs() > 1e10    # clamped: no gradient from it; unclamped: e^30-sized
+    assert torch.equal(ga[1:], gb[1:])
+
+
 def test_pass_at_k_matches_brute_force():
     for n in range(1, 7):
         for c in range(n + 1):

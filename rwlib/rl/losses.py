@@ -65,7 +65,8 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", max_len: int | None = None,
               normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """Reduce (N, T) per-token losses over ``mask`` with one of :data:`AGGREGATIONS`."""
-    mask = mask.to(per_token.dtype)
+    if mask.dtype != per_token.dtype:
+        mask = mask.to(per_token.dtype)
     if agg == "token-mean":
         denom = mask.sum().clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer).clamp(min=1.0)
         return (per_token * mask).sum() / denom
@@ -84,20 +85,26 @@ def clipped_pg_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tenso
                     eps_low: float = 0.2, eps_high: float | None = None, clip: bool = True,
                     clip_c: float | None = None, delta: float | None = None,
                     token_weights: torch.Tensor | None = None, agg: str = "token-mean", max_len: int | None = None,
-                    normalizer=None, with_metrics: bool = True) -> tuple[torch.Tensor, dict]:
+                    normalizer=None, with_metrics: bool = True, log_ratio_clamp: float | None = 20.0
+                    ) -> tuple[torch.Tensor, dict]:
     """The clipped policy-gradient loss (module docstring). Returns ``(loss, info)`` with the clip fractions.
 
     ``clip=False`` gives the plain importance-weighted policy gradient ``-A r`` (ReLIFT's setting);
     ``delta`` caps the unclipped ratio from above (TRL's two-sided clipping); ``clip_c`` is the dual clip.
-    ``with_metrics=False`` skips the clip fractions (``info`` is then empty).
+    ``with_metrics=False`` skips the clip fractions (``info`` is then empty). ``log_ratio_clamp`` bounds
+    ``logp - logp_old`` before the exponential, as verl does (±20: no overflow, no gradient from such tokens);
+    ``None`` leaves it out, as TRL does. The two agree wherever ``|logp - logp_old| < 20``.
     """
     eps_high = eps_low if eps_high is None else eps_high
     if adv.dim() == 1:
         adv = adv[:, None]
-    ratio = torch.exp(torch.clamp(logp - logp_old, -20.0, 20.0))
-    if clip:
+    log_ratio = logp - logp_old
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp_(-log_ratio_clamp, log_ratio_clamp)   # in place on the temporary
+    ratio = torch.exp(log_ratio)
+    if clip:  # max(-A r, -A clip(r)) = -min(A r, A clip(r)): one negation instead of two
         r1 = torch.clamp(ratio, max=delta) if delta is not None else ratio
-        per = torch.maximum(-adv * r1, -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+        per = -torch.minimum(adv * r1, adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
     else:
         per = -adv * ratio
     if clip_c is not None:

@@ -32,6 +32,47 @@ def test_principal_mask_equals_brute_force(shape, r):
     np.testing.assert_array_equal(ours.numpy(), lift.brute_force_mask(W, r, k))
 
 
+
+def _chapter_matrices():
+    """The matrices chapter 20 selects from: TinyGPT's block linears (width 64) and the real MiniLM's
+    layer-0 linears (384 x 384 and the 1:4 MLP matrices)."""
+    torch.manual_seed(0)
+    mats = {k: v.detach() for k, v in lift.model_linears(TinyGPT(97, 32, 2, 64, 4)).items()}
+    shapes = ("query", "intermediate.dense", "output.dense")   # its three shapes
+    mats.update({f"minilm.{k}": v for k, v in lift.minilm_linears(layers=[0]).items()
+                 if k.endswith(shapes) and "attention.output" not in k})
+    return mats
+
+
+def test_gram_route_selects_the_svd_masks_at_the_chapter_sizes():
+    """The Gram-matrix eigh route of lowrank_approx gives the SVD mask (numpy SVD and a stable argsort, as in
+    brute_force_mask) on every matrix the chapter uses, at r = 1, 4, 32. Where the k-th and (k+1)-th scores tie
+    to rounding, any valid top-k is right: then no unselected score may beat a selected one."""
+    for name, W in _chapter_matrices().items():
+        k = lift.lift_budget(W.shape, 4)
+        U, S, Vt = np.linalg.svd(W.double().numpy(), full_matrices=False)
+        for r in (1, 4, 32):
+            ours = lift.principal_mask(W, r, k).numpy()
+            score = np.abs((U[:, :r] * S[:r]) @ Vt[:r])
+            order = np.argsort(-score.ravel(), kind="stable")
+            kth, nxt = score.ravel()[order[[k - 1, k]]]
+            if kth - nxt > 1e-9 * score.max():
+                ref = np.zeros(score.size, dtype=bool)
+                ref[order[:k]] = True
+                np.testing.assert_array_equal(ours, ref.reshape(score.shape), err_msg=f"{name} r={r}")
+            else:
+                assert score[ours].min() >= score[~ours].max() - 1e-9 * score.max(), f"{name} r={r}"
+
+
+def test_ties_give_a_valid_top_k():
+    """A rank-1 integer matrix has many equal |entries|: the mask is still a top-k of the scores."""
+    a = torch.tensor([1.0, -2.0, 2.0, 3.0, -1.0, 1.0] * 4, dtype=torch.float64)
+    W = torch.outer(a, a[:12])
+    k = lift.lift_budget(W.shape, 1)
+    m = lift.principal_mask(W, 1, k)
+    score = lift.lowrank_approx(W, 1).abs()
+    assert int(m.sum()) == k and score[m].min() >= score[~m].max() - 1e-9
+
 def test_smallest_selection_equals_brute_force():
     W = torch.randn(96, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     k = lift.lift_budget(W.shape, 4)

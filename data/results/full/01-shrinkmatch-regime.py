@@ -17,9 +17,6 @@ parameters). Chapter 01 shows it, labelled as recorded.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,9 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # this checkout's rwlib, not an installed one
-import rwlib  # noqa: E402
-from rwlib import data, repro, ssl  # noqa: E402
-from rwlib.atomic import write_json_atomic  # noqa: E402
+from rwlib import data, recorded, repro, ssl  # noqa: E402
 from rwlib.methods import shrinkmatch as sm  # noqa: E402
 from rwlib.sweep import sweep  # noqa: E402
 
@@ -44,8 +39,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent).stdout.strip()   # the commit the run starts from
     R = REGIME
     digits = data.load("digits")
     split = data.few_label_split(digits, R["labels_per_class"], R["n_test"],
@@ -67,34 +60,14 @@ def main() -> None:
 
     repeats = repro.repeat_seeds(R["chapter_seed"], R["repeats"])
     res = sweep(one_run, list(arms), seeds=repeats)
-    curves = {}
-    for metric in ("test_acc", "n_removed", "utilisation", "lambda"):
-        sub = res.curves[res.curves.metric == metric]
-        if len(sub):
-            step_every = 1 if metric == "test_acc" else 10   # the per-step metrics: every 10th step
-            sub = sub[sub.step % step_every == 0]
-            curves[metric] = {arm: {"step": sorted(set(int(x) for x in g.step)),
-                                    "by_seed": [g[g.seed == s].sort_values("step").value.astype(float).tolist()
-                                                for s in repeats]}
-                              for arm, g in sub.groupby("arm")}
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "rwlib"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip())
-    out = {
-        "chapter": 1, "what": "the brief's 1000-step regime and the paper's ablations (Tables 8-9)",
-        "provenance": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git": git,
-                       "rwlib_dirty": dirty, "device": f"cpu ({platform.processor() or platform.machine()})",
-                       "threads": args.threads, "wall_s": round(time.perf_counter() - t0, 1),
-                       "rwlib": rwlib.__version__, "torch": torch.__version__,
-                       "command": "python data/results/full/01-shrinkmatch-regime.py --threads "
-                                  f"{args.threads}"},
-        "parameters": {**R, "arms": {k: v for k, v in arms.items()}},
-        "seeds": repeats,
-        "table": res.table.to_dict(orient="records"),
-        "curves": curves,
-    }
-    write_json_atomic(Path(args.out), out)
+    every = {"n_removed": 10, "utilisation": 10, "lambda": 10}   # the per-step metrics: every 10th step
+    recorded.save(Path(args.out).stem, res, chapter=1, directory=Path(args.out).parent,
+                  what="the brief's 1000-step regime and the paper's ablations (Tables 8-9)",
+                  parameters={**R, "arms": arms}, t0=t0, threads=args.threads,
+                  command=f"python data/results/full/01-shrinkmatch-regime.py --threads {args.threads}",
+                  curves=recorded.curves_by_seed(res, ("test_acc", "n_removed", "utilisation", "lambda"), every))
     print(res.table.groupby("arm", sort=False)[["test accuracy"]].agg(["mean", "std", "min"]))
-    print("wall", out["provenance"]["wall_s"], "s")
+    print("wall", round(time.perf_counter() - t0, 1), "s")
 
 
 if __name__ == "__main__":
