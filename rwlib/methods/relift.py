@@ -62,7 +62,7 @@ from ..rl import GRPOConfig, evaluate_task, sequence_logprobs
 
 __all__ = ["RL_CONFIG", "BinaryReward", "all_fail", "HardestBuffer", "SELECT", "TRIGGERS", "difficulty_buckets",
            "BUCKETS", "question_accuracy", "finetune_step", "relift_hook", "compact_scratchpad", "PoolSampler",
-           "make_pool", "make_split", "bucket_means", "bucket_table"]
+           "make_pool", "make_split", "bucket_means", "bucket_table", "ABLATIONS", "arm_hook", "measure"]
 
 SELECT = ("hardest", "random")        # what enters the buffer: the all-fail questions (R4), or random ones
 TRIGGERS = ("buffer", "every-step")   # when to fine-tune: at N >= M (R6), or after every RL step
@@ -231,6 +231,23 @@ def relift_hook(model, optimizer: torch.optim.Optimizer, buffer: HardestBuffer, 
     return hook
 
 
+ABLATIONS = {"ReLIFT": {}, "random buffer": {"select": "random"}, "SFT every step": {"trigger": "every-step"}}
+
+
+def arm_hook(arm: str, model, M: int, epochs: int, generator: torch.Generator, lr: float = 1e-3,
+             alpha: float = 1e-4) -> tuple[HardestBuffer, Callable | None]:
+    """The buffer and the ``on_rollout`` hook of ReLIFT or one of its ablations (a key of :data:`ABLATIONS`),
+    with its own AdamW fine-tuning optimizer (R6); any other arm name gets an empty buffer and no hook (RL
+    alone). ``generator`` draws the random buffer's questions."""
+    sw = ABLATIONS.get(arm)
+    buffer = HardestBuffer(M, (sw or {}).get("select", "hardest"), generator)
+    if sw is None:
+        return buffer, None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    return buffer, relift_hook(model, opt, buffer, compact_scratchpad, alpha=alpha, epochs=epochs,
+                               trigger=sw.get("trigger", "buffer"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The chapter's miniature
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,3 +328,16 @@ def bucket_means(table: pd.DataFrame, arm: str, keep: Sequence[str] = BUCKETS) -
                          f"buckets: {', '.join(BUCKETS)}")
     t = table[(table.arm == arm) & table.bucket.isin(list(keep))]
     return [float(t.accuracy[t.seed == s].mean()) for s in sorted(set(table.seed))]
+
+
+def measure(model, task, sets: dict, generator: Callable[[str], torch.Generator], max_new_tokens: int) -> dict:
+    """For each question set ``{prefix: problems}``: greedy ``accuracy``, greedy accuracy on the two-digit
+    questions (``hardest``), mean greedy ``length``, and each question's accuracy over 8 sampled answers
+    (``acc``, a tensor, with ``generator(prefix)``), the keys prefixed."""
+    out = {}
+    for pre, qs in sets.items():
+        e = evaluate_task(model, task, qs, temperature=0, max_new_tokens=max_new_tokens)
+        out.update({pre + "accuracy": e["pass@1"], pre + "hardest": e.get("acc_d2", float("nan")),
+                    pre + "length": e["length"],
+                    pre + "acc": question_accuracy(model, task, qs, generator(pre), max_new_tokens=max_new_tokens)})
+    return out
