@@ -331,13 +331,14 @@ def bucket_means(table: pd.DataFrame, arm: str, keep: Sequence[str] = BUCKETS) -
 
 
 def measure(model, task, sets: dict, generator: Callable[[str], torch.Generator], max_new_tokens: int) -> dict:
-    """For each question set ``{prefix: problems}``: greedy ``accuracy``, greedy accuracy on the two-digit
-    questions (``hardest``), mean greedy ``length``, and each question's accuracy over 8 sampled answers
-    (``acc``, a tensor, with ``generator(prefix)``), the keys prefixed."""
+    """For each question set ``{prefix: problems}``: greedy ``accuracy``, greedy accuracy on the one-digit
+    (``easy``) and on the two-digit questions (``hardest``), mean greedy ``length``, and each question's accuracy
+    over 8 sampled answers (``acc``, a tensor, with ``generator(prefix)``), the keys prefixed."""
     out = {}
     for pre, qs in sets.items():
         e = evaluate_task(model, task, qs, temperature=0, max_new_tokens=max_new_tokens)
-        out.update({pre + "accuracy": e["pass@1"], pre + "hardest": e.get("acc_d2", float("nan")),
+        out.update({pre + "accuracy": e["pass@1"], pre + "easy": e.get("acc_d1", float("nan")),
+                    pre + "hardest": e.get("acc_d2", float("nan")),
                     pre + "length": e["length"],
                     pre + "acc": question_accuracy(model, task, qs, generator(pre), max_new_tokens=max_new_tokens)})
     return out

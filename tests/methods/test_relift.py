@@ -247,3 +247,27 @@ def test_bucket_table_uses_the_base_buckets_of_the_same_seed():
         relift.bucket_means(t, "RL", ["trivial"])
     with pytest.raises(ValueError, match="no arm 'base'"):
         relift.bucket_table({("RL", 0): torch.zeros(2)})
+
+
+def test_measure_reports_both_question_sets_with_their_prefixes():
+    m = _model()
+    train, test = relift.make_split(3, 2, 3, 2, torch.Generator().manual_seed(0))
+    out = relift.measure(m, TASK, {"": train, "test_": test}, lambda pre: torch.Generator().manual_seed(1), 4)
+    for pre, qs in (("", train), ("test_", test)):
+        e = relift.evaluate_task(m, TASK, qs, temperature=0, max_new_tokens=4)
+        assert out[pre + "accuracy"] == e["pass@1"] and out[pre + "easy"] == e["acc_d1"]
+        assert out[pre + "hardest"] == e["acc_d2"] and out[pre + "acc"].shape == (len(qs),)
+
+
+def test_arm_hook_wires_each_ablation():
+    m = _model()
+    g = torch.Generator().manual_seed(0)
+    for arm, select, hooked in (("ReLIFT", "hardest", True), ("random buffer", "random", True),
+                                ("SFT every step", "hardest", True), ("RL-only", "hardest", False)):
+        buf, hook = relift.arm_hook(arm, m, 4, 1, g)
+        assert buf.M == 4 and buf.select == select and (hook is not None) == hooked
+    buf, hook = relift.arm_hook("SFT every step", m, 4, 1, g)
+    ro = sample_completions(m, _problems(2, 1), 2, 4, torch.Generator().manual_seed(0))
+    score(TASK, ro)
+    ro.rewards = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert "sft_loss" in hook(ro) and buf.used == 1           # one item, fine-tuned at once
