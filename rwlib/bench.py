@@ -5,8 +5,10 @@
 - ``python -m rwlib.bench peers`` times each of the book's methods that has an independent implementation against
   it, side by side in one process at one thread, in alternating rounds (ours, peer, ours, peer, ...), and writes
   the median ratio ours/peer and its spread over the rounds to ``data/results/peer_timings.json``: AdamP and SGDP
-  (the ``adamp`` package), LoRA and Bat (``peft``), the GRPO loss (TRL's loss expression), and LIFT's sparse Adam
-  with its mask refreshes (against dense AdamW on the same matrices).
+  (the ``adamp`` package), LoRA and Bat (``peft``), the GRPO loss (TRL's loss expression, with and without
+  verl's log-ratio guard), and LIFT's sparse Adam (against dense AdamW: on bare matrices with and without its
+  mask refresh, and in chapter 20's fine-tuning steps). ``python -m rwlib.bench table`` prints the recorded
+  timings as the README's markdown table (a test keeps the two equal).
 
 Speed targets live here and in recorded figures, never in timed unit tests.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import subprocess
 import time
@@ -142,8 +145,10 @@ def _adapter_fwd_bwd(module, x):
     return step
 
 
-def peer_cases(rounds: int = 21) -> list[dict]:
-    """Every method with a peer, timed against it (see the module docstring)."""
+def peer_cases(rounds: int = 21, reps: float = 1.0) -> list[dict]:
+    """Every method with a peer, timed against it (see the module docstring); ``reps`` scales the calls per
+    round (a smoke test uses fewer)."""
+    calls = lambda k: max(1, round(k * reps))  # noqa: E731
     import adamp as adamp_pkg
     import peft
 
@@ -155,9 +160,9 @@ def peer_cases(rounds: int = 21) -> list[dict]:
 
     rows = []
     o, p = _optimizer_case(ours_adamp.AdamP, adamp_pkg.AdamP, lr=1e-3, weight_decay=1e-4)
-    rows.append({"method": "AdamP step", "peer": "adamp.AdamP", **_alternate(o, p, rounds, 20)})
+    rows.append({"method": "AdamP step", "peer": "adamp.AdamP", **_alternate(o, p, rounds, calls(20))})
     o, p = _optimizer_case(ours_adamp.SGDP, adamp_pkg.SGDP, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
-    rows.append({"method": "SGDP step", "peer": "adamp.SGDP", **_alternate(o, p, rounds, 20)})
+    rows.append({"method": "SGDP step", "peer": "adamp.SGDP", **_alternate(o, p, rounds, calls(20))})
 
     class Net(nn.Module):
         def __init__(self):
@@ -184,7 +189,7 @@ def peer_cases(rounds: int = 21) -> list[dict]:
                 if q.requires_grad:
                     q.normal_(0, 0.02)
         rows.append({"method": name, "peer": f"peft {type(peer_cfg).__name__}",
-                     **_alternate(_adapter_fwd_bwd(ours_net, x), _adapter_fwd_bwd(peer_net, x), rounds, 5)})
+                     **_alternate(_adapter_fwd_bwd(ours_net, x), _adapter_fwd_bwd(peer_net, x), rounds, calls(5))})
 
     g = torch.Generator().manual_seed(2)
     N, T = 128, 16
@@ -193,8 +198,9 @@ def peer_cases(rounds: int = 21) -> list[dict]:
     adv = torch.randn(N, generator=g)
     mask = (torch.rand(N, T, generator=g) < 0.8).float()
 
-    def ours_loss():
-        loss, _ = clipped_pg_loss(logits, old, adv, mask, eps_low=0.2, eps_high=0.28, with_metrics=False)
+    def ours_loss(guard=20.0):
+        loss, _ = clipped_pg_loss(logits, old, adv, mask, eps_low=0.2, eps_high=0.28, with_metrics=False,
+                                  log_ratio_clamp=guard)
         loss.backward()
 
     def trl_loss():  # TRL GRPOTrainer's loss expression, token mean over the batch (its "bnpo" aggregation)
@@ -204,25 +210,94 @@ def peer_cases(rounds: int = 21) -> list[dict]:
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
 
-    rows.append({"method": "GRPO clipped loss forward+backward", "peer": "TRL's loss expression",
-                 **_alternate(ours_loss, trl_loss, rounds, 50)})
+    rows.append({"method": "GRPO clipped loss forward+backward (verl's +-20 log-ratio guard)",
+                 "peer": "TRL's loss expression", **_alternate(ours_loss, trl_loss, rounds, calls(50))})
+    rows.append({"method": "GRPO clipped loss forward+backward (no guard, as TRL)", "peer": "TRL's loss expression",
+                 **_alternate(lambda: ours_loss(None), trl_loss, rounds, calls(50))})
 
-    def lift_case(dense: bool):
+    S = 50 if reps >= 1 else 5   # steps per call, one mask refresh among them (the chapter refreshes every 50)
+
+    def lift_case(dense: bool, interval: int | None = S):
         gg = torch.Generator().manual_seed(3)
         ws = [nn.Parameter(torch.randn(256, 256, generator=gg) * 0.05) for _ in range(4)]
         grads = [torch.randn(256, 256, generator=gg) for _ in ws]
         opt = (torch.optim.AdamW(ws, lr=1e-3, weight_decay=0.0) if dense else
-               ours_lift.LIFTAdam(ws, lr=1e-3, lora_rank=4, filter_rank=4, update_interval=50))
+               ours_lift.LIFTAdam(ws, lr=1e-3, lora_rank=4, filter_rank=4, update_interval=interval))
 
-        def steps():  # 50 steps: one mask refresh for LIFT, as in the chapter's schedule
-            for _ in range(50):
+        def steps():  # S steps: one mask refresh for LIFT, as in the chapter's schedule
+            for _ in range(S):
                 for w, gr in zip(ws, grads):
                     w.grad = gr
                 opt.step()
         return steps
 
+    lift_rounds = max(5, rounds // 3) if reps >= 1 else rounds
     rows.append({"method": "LIFT 50 steps incl. 1 mask refresh (4 x 256x256)", "peer": "torch AdamW (dense)",
-                 **_alternate(lift_case(False), lift_case(True), max(5, rounds // 3), 1)})
+                 **_alternate(lift_case(False), lift_case(True), lift_rounds, 1)})
+    rows.append({"method": "LIFT 50 steps, masks fixed (4 x 256x256)", "peer": "torch AdamW (dense)",
+                 **_alternate(lift_case(False, None), lift_case(True), lift_rounds, 1)})
+
+    def lift_finetune(method: str):
+        """Chapter 20's setting: 50 fine-tuning steps (forward, backward, optimizer; one mask refresh) of
+        TinyGPT's block linears, width 64, batch 32 x 24 tokens."""
+        from .finetune import Recipe, prepare
+
+        gg = torch.Generator().manual_seed(4)
+        prep = prepare(TinyGPT(97, 32, 2, 64, 4), "LIFT", rank=4, seed=0, update_interval=S)  # block linears
+        model, recipe = prep.model, Recipe(steps=50, batch_size=32, lr=1e-3, betas=(0.9, 0.95))
+        opt = (prep.make_optimizer(recipe) if method == "LIFT" else
+               torch.optim.AdamW(prep.params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0))
+        x = torch.randint(0, 97, (32, 24), generator=gg)
+
+        def steps():
+            for _ in range(S):
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+                opt.step()
+        return steps
+
+    rows.append({"method": "LIFT fine-tuning, 50 steps incl. 1 refresh (TinyGPT block linears)",
+                 "peer": "torch AdamW on the same linears",
+                 **_alternate(lift_finetune("LIFT"), lift_finetune("AdamW"), lift_rounds, 1)})
+    return rows
+
+
+def _best_ms(f, repeat: int = 5) -> float:
+    """The fastest of ``repeat`` calls, in ms (single calls: the minimum is the least noisy estimate)."""
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return round(1e3 * best, 2)
+
+
+def randomized_mask_agreement(niters=(4, 16), rank: int = 4, oversample: int = 10) -> list[dict]:
+    """Would a randomized SVD (``torch.svd_lowrank``) select LIFT's masks? For the bench's 256x256 matrices and
+    the real MiniLM's layer-0 matrices: the gap sigma_r / sigma_(r+1) and the Jaccard overlap of the mask from
+    the randomized rank-r approximation with the exact one, per number of power iterations."""
+    from .methods import lift as ours_lift
+
+    mats = {"Gaussian 256x256 (bench)": torch.randn(256, 256, generator=torch.Generator().manual_seed(3)) * 0.05}
+    mats.update({f"MiniLM {k}": v for k, v in ours_lift.minilm_linears(layers=[0]).items()
+                 if k.endswith(("query", "intermediate.dense", "output.dense")) and "attention.output" not in k})
+    rows = []
+    for name, W in mats.items():
+        k = ours_lift.lift_budget(W.shape, rank)
+        exact = ours_lift.principal_mask(W, rank, k)
+        S = torch.linalg.svdvals(W.double())
+        row = {"matrix": name, "shape": list(W.shape), "gap": round(float(S[rank - 1] / S[rank]), 4)}
+        row["exact_ms"] = _best_ms(lambda: ours_lift.principal_mask(W, rank, k))
+
+        def randomized(it):
+            torch.manual_seed(0)
+            U, Sr, V = torch.svd_lowrank(W.double(), q=rank + oversample, niter=it)
+            return ours_lift._topk_mask(((U[:, :rank] * Sr[:rank]) @ V[:, :rank].T).abs(), k, "largest")
+
+        for it in niters:
+            row[f"jaccard_niter{it}"] = round(ours_lift.jaccard(exact, randomized(it)), 3)
+            row[f"ms_niter{it}"] = _best_ms(lambda: randomized(it))
+        rows.append(row)
     return rows
 
 
@@ -230,7 +305,26 @@ def peers_benchmark(threads: int = 1, rounds: int = 21) -> dict:
     torch.set_num_threads(threads)
     return {"benchmark": "ours / peer, alternating rounds in one process", "threads": threads,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "git": _git_rev(),
-            "processor": platform.processor() or platform.machine(), "rows": peer_cases(rounds)}
+            "processor": platform.processor() or platform.machine(), "rows": peer_cases(rounds),
+            "lift_randomized_svd": randomized_mask_agreement()}
+
+
+def markdown_table(result: dict) -> str:
+    """The README's table of a :func:`peers_benchmark` result."""
+    lines = ["| what | peer | ours / peer | ms per call (ours vs peer) |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['peer']} | {r['ratio']:.2f} ({r['ratio_p10']:.2f}-{r['ratio_p90']:.2f}) "
+                     f"| {r['ours_ms']:.3g} vs {r['peer_ms']:.3g} |")
+    rand = result.get("lift_randomized_svd")
+    if rand:
+        its = [k.removeprefix("jaccard_niter") for k in rand[0] if k.startswith("jaccard_niter")]
+        lines += ["", "| LIFT mask from a randomized SVD: matrix | σ4/σ5 | exact mask, ms | "
+                  + " | ".join(f"{i} power iterations: Jaccard with the exact mask, ms" for i in its) + " |",
+                  "|---|---|---|" + "---|" * len(its)]
+        for r in rand:
+            lines.append(f"| {r['matrix']}, {r['shape'][0]}x{r['shape'][1]} | {r['gap']:.3f} | {r['exact_ms']:.3g} | "
+                         + " | ".join(f"{r['jaccard_niter' + i]:.3f}, {r['ms_niter' + i]:.3g}" for i in its) + " |")
+    return "\n".join(lines)
 
 
 def _git_rev() -> str:
@@ -243,12 +337,15 @@ def _git_rev() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwlib.bench", description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="tinygpt", choices=("tinygpt", "peers"))
+    p.add_argument("what", nargs="?", default="tinygpt", choices=("tinygpt", "peers", "table"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=21, help="alternating rounds of the peer timings")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     results = Path(__file__).resolve().parent.parent / "data" / "results"
+    if args.what == "table":
+        print(markdown_table(json.loads(Path(args.out or results / "peer_timings.json").read_text())))
+        return 0
     if args.what == "peers":
         result = peers_benchmark(args.threads, args.rounds)
         for r in result["rows"]:

@@ -12,8 +12,10 @@ of that code; it reproduces the code's arithmetic without reusing its source.
 Equations (numbers are referred to in the comments of the code below)
 ---------------------------------------------------------------------
 Notation for one sampled token ``a`` at one position of a completion: ``pi = pi_theta(a)`` the current policy's
-probability, ``pi_old`` the rollout policy's, ``H`` the current policy's full-vocabulary entropy there, ``A`` the
-sequence's advantage, ``r = pi / pi_old`` the importance ratio.
+probability, ``pi_old`` the rollout policy's, ``H`` the full-vocabulary entropy there, ``A`` the sequence's
+advantage, ``r = pi / pi_old`` the importance ratio. In (S3) the official code takes ``H`` from the rollout
+policy (verl records it with ``old_log_probs`` and recomputes only the log-probs at each update), so only ``pi``
+is the current policy's; :func:`rwlib.rl.train_grpo` does the same by default (``weight_entropy="rollout"``).
 
 (S1) Entropy gradient of a softmax over logits ``z``: ``dH/dz_j = -pi_j (log pi_j + H)``.
 
@@ -29,7 +31,8 @@ sequence's advantage, ``r = pi / pi_old`` the importance ratio.
      a token more likely than typical (``log pi + H > 0``) sharpens the distribution, one on an unlikely token
      flattens it, and a negative advantage does the reverse (the paper's four quadrants).
 
-(S4) Exponential mapping (the paper's default, ``run_exp.sh``), over the valid tokens of the (micro-)batch:
+(S4) Exponential mapping (the paper's default, ``run_exp.sh``), over the valid tokens of one micro-batch of 8
+     responses (verl computes the loss per micro-batch, ``ppo_micro_batch_size_per_gpu=8`` in the scripts):
      ``k = -ln(lambda_min) / max(max_t |Omega_t|, floor)`` with ``floor = 0.02``,
      ``w_t = clamp(exp(-k |Omega_t|), lambda_min, 1)``: the token with the largest ``|Omega|`` gets
      ``lambda_min`` (when that maximum exceeds the floor) and ``Omega = 0`` keeps weight 1.
@@ -96,56 +99,82 @@ def omega(adv: torch.Tensor, entropy: torch.Tensor, logp: torch.Tensor, logp_old
         return om if signed else om.abs()                                             # (S3) |Omega|
 
 
+def _check_micro_batch(micro_batch) -> None:
+    if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+                                    or micro_batch < 1):
+        raise ValueError(f"bad micro_batch={micro_batch!r}: valid a whole number >= 1 (responses per "
+                         f"micro-batch; the official scripts use 8) or None (the whole batch at once)")
+
+
+def _weights_of(metric, m, w_min, w_max, linear, floor):
+    """(S4)/(S5) on one group of tokens: ``metric`` holds |Omega|, ``m`` marks the valid ones."""
+    out = torch.zeros_like(metric)
+    if not m.any():
+        return out
+    v = metric[m]
+    lo, hi = v.min(), v.max()
+    if linear:
+        if hi > lo:
+            w = w_max - (v - lo) * (w_max - w_min) / (hi - lo)                       # (S5)
+        else:
+            w = torch.full_like(v, (w_min + w_max) / 2)                               # (S5) all |Omega| equal
+        w = w.clamp(w_min, w_max)                                                     # (S5) clamp
+    else:
+        k = -math.log(w_min) / torch.clamp(hi, min=floor)                             # (S4) k
+        w = torch.exp(-k * v).clamp(w_min, 1.0)                                       # (S4) w_t
+    out[m] = w
+    return out
+
+
 def token_weights(omega: torch.Tensor, mask: torch.Tensor, w_min: float = 0.8, w_max: float = 1.0,
-                  linear: bool = False, floor: float = 0.02) -> torch.Tensor:
-    """STEER's token weights from ``|Omega|`` over the valid tokens of the batch: the exponential mapping (S4,
-    default; ``w_max`` is not used there, the code caps at 1) or the linear one (S5). Masked tokens get 0."""
+                  linear: bool = False, floor: float = 0.02, micro_batch: int | None = 8) -> torch.Tensor:
+    """STEER's token weights from ``|Omega|``: the exponential mapping (S4, default; ``w_max`` is not used there,
+    the code caps at 1) or the linear one (S5). Masked tokens get 0.
+
+    The min/max of (S4)/(S5) are taken over the valid tokens of each **micro-batch** of ``micro_batch`` rows
+    (responses), in row order, as in the official code: verl calls the loss once per micro-batch of
+    ``ppo_micro_batch_size_per_gpu = 8`` responses and the weights are normalised inside that call.
+    ``micro_batch=None`` normalises over the whole batch at once."""
     if not (0.0 < w_min <= w_max):
         raise ValueError(f"bad w_min={w_min}, w_max={w_max}: valid 0 < w_min <= w_max")
     if not linear and w_min > 1.0:
         raise ValueError(f"bad w_min={w_min} for the exponential mapping: valid 0 < w_min <= 1")
     if not floor > 0:
         raise ValueError(f"bad floor={floor}: valid floor > 0 (the official code uses 0.02)")
+    _check_micro_batch(micro_batch)
     if tuple(omega.shape) != tuple(mask.shape):
         raise ValueError(f"omega has shape {tuple(omega.shape)}, mask {tuple(mask.shape)}; valid: equal shapes")
     with torch.no_grad():
         m = mask.bool()
         metric = omega.detach().float().abs()
-        out = torch.zeros_like(metric)
-        if not m.any():
-            return out
-        v = metric[m]
-        lo, hi = v.min(), v.max()
-        if linear:
-            if hi > lo:
-                w = w_max - (v - lo) * (w_max - w_min) / (hi - lo)                   # (S5)
-            else:
-                w = torch.full_like(v, (w_min + w_max) / 2)                           # (S5) all |Omega| equal
-            w = w.clamp(w_min, w_max)                                                 # (S5) clamp
+        if micro_batch is None or metric.dim() == 0:
+            out = _weights_of(metric, m, w_min, w_max, linear, floor)
         else:
-            k = -math.log(w_min) / torch.clamp(hi, min=floor)                         # (S4) k
-            w = torch.exp(-k * v).clamp(w_min, 1.0)                                   # (S4) w_t
-        out[m] = w
+            out = torch.cat([_weights_of(a, b, w_min, w_max, linear, floor)           # one call per micro-batch
+                             for a, b in zip(metric.split(micro_batch), m.split(micro_batch))])
         return out * mask.float()                                                     # (S6) masked tokens -> 0
 
 
-def token_weight_fn(w_min: float = 0.8, w_max: float = 1.0, linear: bool = False, floor: float = 0.02):
+def token_weight_fn(w_min: float = 0.8, w_max: float = 1.0, linear: bool = False, floor: float = 0.02,
+                    micro_batch: int | None = 8):
     """A ``token_weight_fn`` for :func:`rwlib.rl.train_grpo`: ``fn(adv, entropy, logp, logp_old, mask)`` returns
-    the (N, T) STEER weights of the mini-batch, (S3)-(S5)."""
-    token_weights(torch.zeros(1, 1), torch.ones(1, 1), w_min, w_max, linear, floor)  # fail now, not mid-run
+    the (N, T) STEER weights of the mini-batch, (S3)-(S5), normalised per micro-batch of ``micro_batch`` rows."""
+    token_weights(torch.zeros(1, 1), torch.ones(1, 1), w_min, w_max, linear, floor, micro_batch)  # fail now
 
     def fn(adv, entropy, logp, logp_old, mask):
-        return token_weights(omega(adv, entropy, logp, logp_old), mask, w_min, w_max, linear, floor)
+        return token_weights(omega(adv, entropy, logp, logp_old), mask, w_min, w_max, linear, floor, micro_batch)
 
     return fn
 
 
 def steer_loss(logp, logp_old, adv, mask, entropy, *, w_min: float = 0.8, w_max: float = 1.0,
-               linear: bool = False, floor: float = 0.02, eps_low: float = 0.2, eps_high: float = 0.28,
-               clip_c: float | None = 10.0, agg: str = "token-mean"):
+               linear: bool = False, floor: float = 0.02, micro_batch: int | None = 8, eps_low: float = 0.2,
+               eps_high: float = 0.28, clip_c: float | None = 10.0, agg: str = "token-mean"):
     """The STEER policy loss (S6): :func:`rwlib.rl.clipped_pg_loss` with the no-grad weights of (S3)-(S5).
-    Returns ``(loss, info)``; ``info["weights"]`` holds the weights."""
-    w = token_weights(omega(adv, entropy.detach(), logp.detach(), logp_old), mask, w_min, w_max, linear, floor)
+    ``entropy`` is the sampling policy's (recorded at rollout, as in the official code). Returns
+    ``(loss, info)``; ``info["weights"]`` holds the weights."""
+    w = token_weights(omega(adv, entropy.detach(), logp.detach(), logp_old), mask, w_min, w_max, linear, floor,
+                      micro_batch)
     loss, info = clipped_pg_loss(logp, logp_old, adv, mask, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c,
                                  token_weights=w, agg=agg)
     info["weights"] = w
@@ -234,9 +263,12 @@ def tabular_check(generator: torch.Generator, n: int = 3000, vocab: int = 50, et
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Probe:
-    """A ``token_weight_fn`` wrapper that records, at every update, the mini-batch's mean token entropy and
-    mean |Omega| and, when ``weight_fn`` is given, STEER's weights (without it the loss is untouched). Give
-    ``probe.on_rollout`` to :func:`rwlib.rl.train_grpo` too, so that updates are grouped by rollout batch."""
+    """A ``token_weight_fn`` wrapper that records, at every update, the mean of the entropy it is handed (the
+    sampling policy's, ``entropy_old``, under :class:`rwlib.rl.GRPOConfig`'s default ``weight_entropy="rollout"``)
+    and of |Omega| over the mini-batch and, when ``weight_fn`` is given, STEER's weights (without it the loss is
+    untouched). Give ``probe.on_rollout`` to :func:`rwlib.rl.train_grpo` too, so that updates are grouped by
+    rollout batch. The entropy of the policy being updated is in the history :func:`rwlib.rl.train_grpo`
+    returns (see :func:`entropy_changes`)."""
 
     weight_fn: object = None
     rows: list = field(default_factory=list)
@@ -252,7 +284,7 @@ class Probe:
         if not m.any():
             return w
         om = omega(adv, entropy, logp, logp_old)
-        row = {"rollout": self.rollout, "entropy": float(entropy[m].mean()), "abs_omega": float(om[m].mean())}
+        row = {"rollout": self.rollout, "entropy_old": float(entropy[m].mean()), "abs_omega": float(om[m].mean())}
         if w is not None:
             v = w[m]
             row.update(w_min=float(v.min()), w_mean=float(v.mean()), w_max=float(v.max()),
@@ -265,19 +297,6 @@ class Probe:
         df.insert(0, "update", np.arange(len(df)))
         return df
 
-    def entropy_changes(self) -> np.ndarray:
-        """Change of the mean token entropy made by one update, measured on the *same* tokens: what the next pass
-        over the rollout batch sees minus what this pass saw (needs ``ppo_epochs >= 2``, ``minibatches == 1``)."""
-        out = []
-        for _, grp in self.frame().groupby("rollout"):
-            out.extend(np.diff(grp["entropy"].to_numpy()).tolist())
-        return np.asarray(out)
-
-    def mean_abs_change(self) -> float:
-        """Mean |entropy change of one update| (:meth:`entropy_changes`); nan before any update."""
-        d = self.entropy_changes() if self.rows else np.array([])
-        return float(np.abs(d).mean()) if len(d) else float("nan")
-
     def history(self) -> History:
         """The recorded rows as a :class:`rwlib.train.History` (step = update, from 1), e.g. for
         :func:`rwlib.sweep.sweep`'s curves."""
@@ -285,6 +304,27 @@ class Probe:
         for t, row in enumerate(self.rows):
             hist.log(t + 1, **row)
         return hist
+
+
+def entropy_changes(hist: History) -> np.ndarray:
+    """Change of the mean token entropy made by one update, measured on the *same* tokens, from the history of
+    :func:`rwlib.rl.train_grpo`: the entropy the current policy has on a rollout batch at the next pass minus at
+    this one (needs ``ppo_epochs >= 2`` and ``minibatches == 1``; a row with ``reward`` starts a new batch)."""
+    out, group = [], []
+    for row in hist.rows:
+        if "reward" in row and group:
+            out.extend(np.diff(group).tolist())
+            group = []
+        if "entropy" in row:
+            group.append(row["entropy"])
+    out.extend(np.diff(group).tolist())
+    return np.asarray(out, dtype=float)
+
+
+def mean_abs_change(hist: History) -> float:
+    """Mean |entropy change of one update| (:func:`entropy_changes`); nan when there is none."""
+    d = entropy_changes(hist)
+    return float(np.abs(d).mean()) if len(d) else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,6 +344,33 @@ def rollout_weights(model, ro, w_min: float = 0.8, **kw) -> torch.Tensor:
     with torch.no_grad():
         _, lp, ent = _token_stats(model, ro)
     return token_weights(omega(ro.advantages, ent, lp, ro.logp_old), ro.mask, w_min, **kw)
+
+
+def weight_entropy_choice(model, ro, *, lr: float, w_min: float = 0.8, micro_batch: int | None = 8,
+                          eps_low: float = 0.2, eps_high: float = 0.28, clip_c: float | None = 10.0):
+    """How much the choice of entropy in (S3) matters at the second PPO epoch on rollout ``ro`` (which must carry
+    ``entropy_old`` and ``advantages``): one Adam step (learning rate ``lr``) on the STEER loss of the whole batch
+    (the first epoch), then, per valid token, the weights computed with the entropy recorded at rollout (the
+    official code) and with the entropy of the updated policy. ``model`` is not changed."""
+    if ro.entropy_old is None or ro.advantages is None:
+        raise ValueError("ro needs entropy_old and advantages (rwlib.rl.sample_completions, then advantages)")
+    work = copy.deepcopy(model)
+    work.train(False)
+    opt = torch.optim.Adam(work.parameters(), lr=lr)
+    lp, _ = sequence_logprobs(work, ro.tokens, ro.prompt_len, with_entropy=False)
+    kw = dict(w_min=w_min, micro_batch=micro_batch)
+    loss, _ = steer_loss(lp, ro.logp_old, ro.advantages, ro.mask, ro.entropy_old, eps_low=eps_low,
+                         eps_high=eps_high, clip_c=clip_c, **kw)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        lp, ent = sequence_logprobs(work, ro.tokens, ro.prompt_len)
+        w_ro = token_weights(omega(ro.advantages, ro.entropy_old, lp, ro.logp_old), ro.mask, **kw)
+        w_cur = token_weights(omega(ro.advantages, ent, lp, ro.logp_old), ro.mask, **kw)
+    m = ro.mask.bool()
+    return pd.DataFrame({"w_rollout": w_ro[m].cpu().numpy(), "w_current": w_cur[m].cpu().numpy(),
+                         "entropy_old": ro.entropy_old[m].cpu().numpy(), "entropy_now": ent[m].cpu().numpy()})
 
 
 def isolated_token_steps(model, ro, *, eta: float, n_tokens: int, generator: torch.Generator) -> pd.DataFrame:

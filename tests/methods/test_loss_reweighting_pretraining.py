@@ -90,3 +90,9 @@ def test_toy_data_has_three_kinds():
     assert torch.bincount(kind).tolist() == [700, 250, 50]
     red = X[kind == 0]
     assert torch.linalg.matrix_rank(red) == 3 and torch.allclose(Xt @ w, yt)
+
+
+def test_toy_data_without_outliers():
+    X, y, kind, Xt, yt, w = lr.redundant_outlier_regression(n=1000, fracs=(0.7, 0.3, 0.0), seed=2)
+    assert torch.bincount(kind, minlength=3).tolist() == [700, 300, 0]
+    assert (y - X @ w).abs().max() < 3.0  # no row carries the outliers' huge label noise

@@ -10,7 +10,8 @@ from rwlib.data.tasks import AdditionTask
 from rwlib.data.text import TOKENIZER
 from rwlib.methods import steer
 from rwlib.models import TinyGPT
-from rwlib.rl import GRPOConfig, clipped_pg_loss, train_grpo
+from rwlib.rl import GRPOConfig, clipped_pg_loss, sample_completions, score, train_grpo
+from rwlib.train import History
 
 
 def _batch(seed=0, N=8, T=6):
@@ -178,7 +179,7 @@ def test_token_weight_fn_and_probe_inside_train_grpo():
     df = probe.frame()
     assert len(df) == 4 and list(df["rollout"]) == [0, 0, 1, 1] and np.isfinite(hist["loss"]).all()
     assert (df.w_min >= 0.8 - 1e-6).all() and (df.w_max <= 1.0).all()
-    assert len(probe.entropy_changes()) == 2
+    assert len(steer.entropy_changes(hist)) == 2
     adv, ent, logp, old, mask = _batch(2)
     w = steer.token_weight_fn(0.5, linear=True)(adv, ent, logp, old, mask)
     assert w.shape == mask.shape and (w[mask.bool()] >= 0.5).all() and (w[mask.bool()] <= 1.0).all()
@@ -230,11 +231,70 @@ def test_probe_weights_stay_in_their_range_during_training():
     assert len(f) == 6 and (f.w_min >= 0.8 - 1e-6).all() and (f.w_max <= 1.0 + 1e-6).all()
 
 
-def test_probe_history_and_mean_abs_change():
+def test_probe_history_and_entropy_changes_from_the_grpo_history():
     p = steer.Probe()
-    assert np.isnan(p.mean_abs_change()) and p.history().rows == []
-    p.rows = [{"rollout": 0, "entropy": 1.0}, {"rollout": 0, "entropy": 0.7}, {"rollout": 1, "entropy": 0.5},
-              {"rollout": 1, "entropy": 0.6}]
-    assert p.mean_abs_change() == pytest.approx(0.2)
-    steps, ent = p.history().series("entropy")
-    assert steps.tolist() == [1, 2, 3, 4] and ent.tolist() == [1.0, 0.7, 0.5, 0.6]
+    assert p.history().rows == []
+    p.rows = [{"rollout": 0, "entropy_old": 1.0}, {"rollout": 0, "entropy_old": 1.0}]
+    steps, ent = p.history().series("entropy_old")
+    assert steps.tolist() == [1, 2] and ent.tolist() == [1.0, 1.0]
+    h = History()
+    for t, row in enumerate([dict(reward=0.1, entropy=1.0), dict(entropy=0.7), dict(reward=0.2, entropy=0.5),
+                             dict(entropy=0.6)]):
+        h.log(t + 1, **row)
+    assert steer.entropy_changes(h) == pytest.approx([-0.3, 0.1])       # never across two rollout batches
+    assert steer.mean_abs_change(h) == pytest.approx(0.2)
+    assert np.isnan(steer.mean_abs_change(History()))
+
+
+# -- per-micro-batch normalisation (the official code normalises inside each loss call of 8 responses) ----------
+def test_weights_are_normalised_per_micro_batch():
+    adv, ent, logp, old, mask = _batch(4, N=16)
+    om = steer.omega(adv, ent, logp, old)
+    w = steer.token_weights(om, mask, w_min=0.5)                        # default: micro-batches of 8 rows
+    halves = [steer.token_weights(om[i:i + 8], mask[i:i + 8], w_min=0.5, micro_batch=None) for i in (0, 8)]
+    assert torch.equal(w, torch.cat(halves))
+    for i in (0, 8):                                                     # each micro-batch's largest |Omega| gets 0.5
+        m = mask[i:i + 8].bool()
+        assert math.isclose(float(w[i:i + 8][m][om[i:i + 8][m].argmax()]), 0.5, rel_tol=1e-6)
+    whole = steer.token_weights(om, mask, w_min=0.5, micro_batch=None)
+    assert torch.equal(whole, steer.token_weights(om, mask, w_min=0.5, micro_batch=16))
+    assert not torch.allclose(w, whole) and (w <= whole + 1e-7).all()  # a smaller max only lowers them
+    # a ragged last micro-batch: rows 0-2 and 3-4 are normalised apart
+    w5 = steer.token_weights(torch.tensor([[0.4], [0.2], [0.1], [0.1], [0.05]]), torch.ones(5, 1), 0.5,
+                             micro_batch=3)
+    assert torch.allclose(w5.squeeze(1), torch.tensor([0.5, 0.5 ** 0.5, 0.5 ** 0.25, 0.5, 0.5 ** 0.5]))
+    fn = steer.token_weight_fn(0.5, micro_batch=4)
+    assert torch.equal(fn(adv, ent, logp, old, mask), steer.token_weights(om, mask, 0.5, micro_batch=4))
+    loss, info = steer.steer_loss(logp, old, adv, mask, ent, w_min=0.5)
+    assert torch.equal(info["weights"], w)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "8", True])
+def test_bad_micro_batch_names_the_valid_values(bad):
+    with pytest.raises(ValueError, match=r"micro_batch=.*valid a whole number >= 1 .* or None"):
+        steer.token_weights(torch.zeros(2, 2), torch.ones(2, 2), micro_batch=bad)
+    with pytest.raises(ValueError, match=r"valid a whole number >= 1"):
+        steer.token_weight_fn(micro_batch=bad)
+
+
+def test_weight_entropy_choice_at_the_second_epoch():
+    torch.manual_seed(0)
+    task = AdditionTask(1, 1)
+    model = TinyGPT(TOKENIZER.vocab_size, block_size=8, n_layer=1, n_embd=16, n_head=2)
+    g = torch.Generator().manual_seed(0)
+    ro = sample_completions(model, task.sample(4, g), 4, 3, g)
+    score(task, ro)
+    ro.advantages = torch.randn(16, generator=g)          # an untrained model earns no reward: made-up advantages
+    before = [p.detach().clone() for p in model.parameters()]
+    df = steer.weight_entropy_choice(model, ro, lr=1e-2, w_min=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))      # the model is not changed
+    assert len(df) == int(ro.mask.sum()) and np.allclose(df.entropy_old, ro.entropy_old[ro.mask.bool()])
+    assert df.w_rollout.between(0.5 - 1e-6, 1).all() and df.w_current.between(0.5 - 1e-6, 1).all()
+    assert (df.entropy_now - df.entropy_old).abs().max() > 1e-4                    # the step moved the entropy
+    assert (df.w_rollout - df.w_current).abs().max() > 0                           # and so the weights
+    # with lr = 0 the policy does not move: both choices agree exactly
+    same = steer.weight_entropy_choice(model, ro, lr=0.0, w_min=0.5)
+    assert np.allclose(same.w_rollout, same.w_current, atol=1e-6)
+    ro.entropy_old = None
+    with pytest.raises(ValueError, match="entropy_old"):
+        steer.weight_entropy_choice(model, ro, lr=1e-2)
