@@ -34,14 +34,25 @@ A question ``q`` gets ``G`` sampled responses ``o_1..o_G`` with verifiable rewar
      Fine-tuning loss with an entropy bonus:
      ``L_FT = mean_t(-log pi_theta(s_t | q, s_<t)) - alpha mean_t H_t``.
 
-Below the method: the chapter's demonstrations (column-addition scratchpads) and its fixed question pool. The
-experiment itself (RL-only, SFT-only, ReLIFT) is a sweep in the chapter's notebook.
+The paper's mechanism ablations are one-line switches of the same two pieces:
+
+- ``HardestBuffer(M, select="random", generator=g)``: the buffer takes as many *random* questions of each batch
+  as that batch had all-fail ones (the same fine-tuning budget, spent on questions chosen without regard to
+  difficulty) instead of the all-fail questions themselves;
+- ``relift_hook(..., trigger="every-step")``: fine-tune after every RL step on whatever the buffer holds (at
+  most the newest ``M``), instead of waiting until it holds ``M`` (R6);
+- SFT then RL (the paper's strongest hybrid baseline) needs no switch: fine-tune on every demonstration, then
+  run RL-only from that model.
+
+Below the method: the chapter's demonstrations (column-addition scratchpads), its question pool with a held-out
+split, and the per-bucket summaries. The experiment itself (the arms) is a sweep in the chapter's notebook.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import pandas as pd
 import torch
 
 from ..data.tasks import CORRECT, WRONG, AdditionTask, Problem, sft_batch
@@ -49,8 +60,12 @@ from ..finetune import sft_objective
 from ..models import eval_mode, module_device
 from ..rl import GRPOConfig, evaluate_task, sequence_logprobs
 
-__all__ = ["RL_CONFIG", "BinaryReward", "all_fail", "HardestBuffer", "difficulty_buckets", "BUCKETS", "question_accuracy",
-           "finetune_step", "relift_hook", "compact_scratchpad", "PoolSampler", "make_pool"]
+__all__ = ["RL_CONFIG", "BinaryReward", "all_fail", "HardestBuffer", "SELECT", "TRIGGERS", "difficulty_buckets",
+           "BUCKETS", "question_accuracy", "finetune_step", "relift_hook", "compact_scratchpad", "PoolSampler",
+           "make_pool", "make_split", "bucket_means", "bucket_table", "ABLATIONS", "arm_hook", "measure"]
+
+SELECT = ("hardest", "random")        # what enters the buffer: the all-fail questions (R4), or random ones
+TRIGGERS = ("buffer", "every-step")   # when to fine-tune: at N >= M (R6), or after every RL step
 
 # (R2)+(R3): the official RL settings expressed with the shared loss. grad_clip 0.7 as in train.sh.
 RL_CONFIG = GRPOConfig(clip=False, agg="seq-sum-const", scale="none", entropy_coef=1e-3, grad_clip=0.7,
@@ -94,12 +109,19 @@ def all_fail(rewards: torch.Tensor, group_size: int | None = None) -> torch.Tens
 
 class HardestBuffer:
     """(R5) The buffer of hardest questions with their demonstrations, newest first; (R6) ``pop_batch`` hands
-    out the first ``M`` once there are at least ``M``. ``used`` counts the demonstrations handed out so far."""
+    out the first ``M`` once there are at least ``M``. ``used`` counts the demonstrations handed out so far.
 
-    def __init__(self, M: int):
+    ``select="random"`` is the paper's random-buffer ablation: from each batch it takes as many questions as
+    the batch had all-fail ones, but drawn uniformly at random from the batch (with ``generator``)."""
+
+    def __init__(self, M: int, select: str = "hardest", generator: torch.Generator | None = None):
         if not isinstance(M, int) or M < 1:
             raise ValueError(f"bad M={M!r}: the fine-tuning batch size must be an int >= 1")
-        self.M = M
+        if select not in SELECT:
+            raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
+        if select == "random" and generator is None:
+            raise ValueError("select='random' needs a generator")
+        self.M, self.select, self.generator = M, select, generator
         self.items: list[tuple[Problem, str]] = []
         self.used = 0
         self.added = 0
@@ -114,6 +136,9 @@ class HardestBuffer:
             shape = tuple(rewards.shape) if torch.is_tensor(rewards) else type(rewards).__name__
             raise ValueError(f"rewards must be a (P, G) tensor with P = {len(problems)} problems, got {shape}")
         fail = all_fail(rewards)
+        if self.select == "random":                                                        # the ablation
+            pick = torch.randperm(len(problems), generator=self.generator)[: int(fail.sum())]
+            fail = torch.zeros_like(fail).index_fill_(0, pick, True)
         new = [(p, demo(p)) for p, f in zip(problems, fail.tolist()) if f]               # one row per question
         self.items = new + self.items                                                      # (R5) newest first
         self.added += len(new)
@@ -122,9 +147,10 @@ class HardestBuffer:
     def ready(self) -> bool:
         return len(self.items) >= self.M
 
-    def pop_batch(self) -> list[tuple[Problem, str]]:
-        """(R6) The first (newest) ``M`` items, removed from the buffer."""
-        if not self.ready():
+    def pop_batch(self, partial: bool = False) -> list[tuple[Problem, str]]:
+        """(R6) The first (newest) ``M`` items, removed from the buffer; with ``partial``, up to ``M`` (the
+        every-step ablation), so any non-empty buffer can hand out a batch."""
+        if not (self.ready() or (partial and self.items)):
             raise RuntimeError(f"the buffer holds {len(self.items)} items, fewer than M={self.M}")
         batch, self.items = self.items[: self.M], self.items[self.M:]
         self.used += len(batch)
@@ -173,22 +199,27 @@ def finetune_step(model, optimizer: torch.optim.Optimizer, batch: Sequence[tuple
 
 
 def relift_hook(model, optimizer: torch.optim.Optimizer, buffer: HardestBuffer, demo: Callable[[Problem], str],
-                alpha: float = 1e-4, grad_clip: float | None = 1.0, epochs: int = 1) -> Callable:
+                alpha: float = 1e-4, grad_clip: float | None = 1.0, epochs: int = 1,
+                trigger: str = "buffer") -> Callable:
     """An ``on_rollout`` hook for :func:`rwlib.rl.train_grpo` that makes it ReLIFT.
 
     For each scored rollout: buffer its hardest questions (R4, R5); when the buffer holds ``M`` or more, take
     one fine-tuning step on the newest ``M`` with ``optimizer`` (separate from the RL optimizer) (R6). The hook
     runs before the RL update of the same rollout, so after a fine-tuning step it recomputes the rollout's old
     log-probabilities with the updated model, as verl does before every update; the RL ratio then starts at 1.
-    Returns metrics: ``demos_used`` (so far), ``buffer`` (size), ``hardest`` (this rollout), ``sft_steps``."""
+    ``trigger="every-step"`` is the paper's ablation that fine-tunes after every RL step on whatever the buffer
+    holds (up to the newest ``M``). Returns metrics: ``demos_used`` (so far), ``buffer`` (size), ``hardest`` (this rollout), ``sft_steps``."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"unknown trigger {trigger!r}; valid: {', '.join(TRIGGERS)}")
+    every = trigger == "every-step"
     state = {"steps": 0}
 
     def hook(rollout) -> dict:
         rewards = rollout.rewards.reshape(-1, rollout.group_size)
         n_new = buffer.add(rollout.problems, rewards, demo)                                # (R4), (R5)
         out = {"hardest": float(n_new)}
-        if buffer.ready():                                                                 # (R6) N >= M
-            batch = buffer.pop_batch()
+        if buffer.ready() or (every and len(buffer)):                                      # (R6) N >= M
+            batch = buffer.pop_batch(partial=every)
             for _ in range(epochs):                                                        # sft_epochs
                 out["sft_loss"] = finetune_step(model, optimizer, batch, alpha, grad_clip)
                 state["steps"] += 1
@@ -198,6 +229,23 @@ def relift_hook(model, optimizer: torch.optim.Optimizer, buffer: HardestBuffer, 
         return out
 
     return hook
+
+
+ABLATIONS = {"ReLIFT": {}, "random buffer": {"select": "random"}, "SFT every step": {"trigger": "every-step"}}
+
+
+def arm_hook(arm: str, model, M: int, epochs: int, generator: torch.Generator, lr: float = 1e-3,
+             alpha: float = 1e-4) -> tuple[HardestBuffer, Callable | None]:
+    """The buffer and the ``on_rollout`` hook of ReLIFT or one of its ablations (a key of :data:`ABLATIONS`),
+    with its own AdamW fine-tuning optimizer (R6); any other arm name gets an empty buffer and no hook (RL
+    alone). ``generator`` draws the random buffer's questions."""
+    sw = ABLATIONS.get(arm)
+    buffer = HardestBuffer(M, (sw or {}).get("select", "hardest"), generator)
+    if sw is None:
+        return buffer, None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    return buffer, relift_hook(model, opt, buffer, compact_scratchpad, alpha=alpha, epochs=epochs,
+                               trigger=sw.get("trigger", "buffer"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,3 +298,47 @@ def make_pool(n_easy: int, n_hard: int, generator: torch.Generator) -> list[Prob
             seen.add((a, b))
             hard.append(task.make(a, b))
     return easy + hard
+
+
+def make_split(n_easy: int, n_hard: int, test_easy: int, test_hard: int, generator: torch.Generator
+               ) -> tuple[list[Problem], list[Problem]]:
+    """A training pool as :func:`make_pool` and a held-out pool of questions never seen in training, of the
+    same two kinds (``test_easy`` one-digit additions, ``test_hard`` two-digit ones with three-digit sums)."""
+    allq = make_pool(n_easy + test_easy, n_hard + test_hard, generator)
+    easy, hard = allq[: n_easy + test_easy], allq[n_easy + test_easy:]
+    return easy[:n_easy] + hard[:n_hard], easy[n_easy:] + hard[n_hard:]
+
+
+def bucket_table(acc, base: str = "base") -> pd.DataFrame:
+    """Per-question accuracies ``{(arm, seed): (P,) tensor}`` of every arm on one question set, each question
+    put in the bucket of the ``base`` arm's accuracy at the same seed: a frame (arm, seed, bucket, accuracy)."""
+    if not any(a == base for a, _ in acc):
+        raise ValueError(f"no arm {base!r} among {sorted({a for a, _ in acc})}")
+    names = {s: difficulty_buckets(v) for (a, s), v in acc.items() if a == base}
+    return pd.concat([pd.DataFrame({"arm": a, "seed": s, "bucket": names[s], "accuracy": v.numpy()})
+                      for (a, s), v in acc.items()], ignore_index=True)
+
+
+def bucket_means(table: pd.DataFrame, arm: str, keep: Sequence[str] = BUCKETS) -> list[float]:
+    """Per seed (in order): the mean accuracy of ``arm`` over the questions of the ``keep`` buckets (nan for a
+    seed without such questions)."""
+    bad = [b for b in keep if b not in BUCKETS]
+    if bad or arm not in set(table.arm):
+        raise ValueError(f"bad arm {arm!r} or buckets {bad}; valid arms: {sorted(set(table.arm))}, "
+                         f"buckets: {', '.join(BUCKETS)}")
+    t = table[(table.arm == arm) & table.bucket.isin(list(keep))]
+    return [float(t.accuracy[t.seed == s].mean()) for s in sorted(set(table.seed))]
+
+
+def measure(model, task, sets: dict, generator: Callable[[str], torch.Generator], max_new_tokens: int) -> dict:
+    """For each question set ``{prefix: problems}``: greedy ``accuracy``, greedy accuracy on the one-digit
+    (``easy``) and on the two-digit questions (``hardest``), mean greedy ``length``, and each question's accuracy
+    over 8 sampled answers (``acc``, a tensor, with ``generator(prefix)``), the keys prefixed."""
+    out = {}
+    for pre, qs in sets.items():
+        e = evaluate_task(model, task, qs, temperature=0, max_new_tokens=max_new_tokens)
+        out.update({pre + "accuracy": e["pass@1"], pre + "easy": e.get("acc_d1", float("nan")),
+                    pre + "hardest": e.get("acc_d2", float("nan")),
+                    pre + "length": e["length"],
+                    pre + "acc": question_accuracy(model, task, qs, generator(pre), max_new_tokens=max_new_tokens)})
+    return out

@@ -178,3 +178,96 @@ def test_question_accuracy_is_the_fraction_of_correct_samples():
     acc = relift.question_accuracy(m, TASK, ps, torch.Generator().manual_seed(0), n=4, max_new_tokens=4)
     e = relift.evaluate_task(m, TASK, ps, n_samples=4, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     assert acc.shape == (5,) and torch.equal(acc, (e["rollout"].rewards.reshape(5, 4) == 1).float().mean(1))
+
+
+def test_random_buffer_takes_as_many_random_questions_as_there_were_all_fail_ones():
+    ps = _problems(8)
+    r = torch.ones(8, 2)
+    r[[1, 6]] = 0.0                                          # two all-fail groups
+    takes = []
+    for seed in range(20):
+        b = relift.HardestBuffer(4, select="random", generator=torch.Generator().manual_seed(seed))
+        assert b.add(ps, r, lambda p: p.target) == 2 and len(b) == 2
+        takes.append(tuple(sorted(p.prompt for p, _ in b.items)))
+    assert len(set(takes)) > 1                               # random, not the all-fail ones every time
+    hardest = tuple(sorted(ps[i].prompt for i in (1, 6)))
+    assert any(t != hardest for t in takes)
+    again = relift.HardestBuffer(4, select="random", generator=torch.Generator().manual_seed(3))
+    again.add(ps, r, lambda p: p.target)
+    assert tuple(sorted(p.prompt for p, _ in again.items)) == takes[3]   # deterministic given the generator
+    b = relift.HardestBuffer(4, select="random", generator=torch.Generator().manual_seed(0))
+    assert b.add(ps, torch.ones(8, 2), lambda p: p.target) == 0          # no all-fail group: nothing added
+    with pytest.raises(ValueError, match="unknown select 'easiest'"):
+        relift.HardestBuffer(4, select="easiest")
+    with pytest.raises(ValueError, match="needs a generator"):
+        relift.HardestBuffer(4, select="random")
+
+
+def test_every_step_trigger_fine_tunes_on_any_non_empty_buffer():
+    b = relift.HardestBuffer(3)
+    b.add(_problems(2), torch.tensor([[0.0, 0.0], [1.0, 0.0]]), lambda p: p.target)
+    with pytest.raises(RuntimeError, match="fewer than M=3"):
+        b.pop_batch()
+    assert len(b.pop_batch(partial=True)) == 1 and len(b) == 0 and b.used == 1
+    with pytest.raises(RuntimeError):
+        b.pop_batch(partial=True)                            # empty: nothing to hand out
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for trigger, fired in (("buffer", False), ("every-step", True)):
+        buf = relift.HardestBuffer(3)
+        hook = relift.relift_hook(m, opt, buf, relift.compact_scratchpad, trigger=trigger)
+        ro = sample_completions(m, _problems(2, 1), 2, 4, torch.Generator().manual_seed(0))
+        score(TASK, ro)
+        ro.rewards = torch.tensor([0.0, 0.0, 1.0, 0.0])    # one all-fail question, M = 3
+        out = hook(ro)
+        assert ("sft_loss" in out) == fired and out["demos_used"] == (1 if fired else 0)
+    with pytest.raises(ValueError, match="unknown trigger 'sometimes'"):
+        relift.relift_hook(m, opt, relift.HardestBuffer(3), relift.compact_scratchpad, trigger="sometimes")
+
+
+def test_split_holds_out_questions_never_seen_in_training():
+    train, test = relift.make_split(6, 4, 10, 5, torch.Generator().manual_seed(0))
+    assert len(train) == 10 and len(test) == 15
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    assert sum(p.answer >= 100 for p in train) == 4 and sum(p.answer >= 100 for p in test) == 5
+    assert all(p.difficulty == 1 for p in test[:10])
+
+
+def test_bucket_table_uses_the_base_buckets_of_the_same_seed():
+    acc = {("base", 0): torch.tensor([1.0, 0.5, 0.0]), ("RL", 0): torch.tensor([0.5, 1.0, 0.25]),
+           ("base", 1): torch.tensor([0.0, 0.0, 0.875]), ("RL", 1): torch.tensor([1.0, 0.0, 0.0])}
+    t = relift.bucket_table(acc)
+    assert t[t.arm == "RL"].bucket.tolist() == ["easy", "medium", "hardest", "hardest", "hardest", "easy"]
+    assert relift.bucket_means(t, "RL", ["easy"]) == [0.5, 0.0]
+    assert relift.bucket_means(t, "RL", ["hardest"]) == [0.25, 0.5]
+    assert relift.bucket_means(t, "base")[0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="bad arm 'SFT'"):
+        relift.bucket_means(t, "SFT", ["easy"])
+    with pytest.raises(ValueError, match="buckets"):
+        relift.bucket_means(t, "RL", ["trivial"])
+    with pytest.raises(ValueError, match="no arm 'base'"):
+        relift.bucket_table({("RL", 0): torch.zeros(2)})
+
+
+def test_measure_reports_both_question_sets_with_their_prefixes():
+    m = _model()
+    train, test = relift.make_split(3, 2, 3, 2, torch.Generator().manual_seed(0))
+    out = relift.measure(m, TASK, {"": train, "test_": test}, lambda pre: torch.Generator().manual_seed(1), 4)
+    for pre, qs in (("", train), ("test_", test)):
+        e = relift.evaluate_task(m, TASK, qs, temperature=0, max_new_tokens=4)
+        assert out[pre + "accuracy"] == e["pass@1"] and out[pre + "easy"] == e["acc_d1"]
+        assert out[pre + "hardest"] == e["acc_d2"] and out[pre + "acc"].shape == (len(qs),)
+
+
+def test_arm_hook_wires_each_ablation():
+    m = _model()
+    g = torch.Generator().manual_seed(0)
+    for arm, select, hooked in (("ReLIFT", "hardest", True), ("random buffer", "random", True),
+                                ("SFT every step", "hardest", True), ("RL-only", "hardest", False)):
+        buf, hook = relift.arm_hook(arm, m, 4, 1, g)
+        assert buf.M == 4 and buf.select == select and (hook is not None) == hooked
+    buf, hook = relift.arm_hook("SFT every step", m, 4, 1, g)
+    ro = sample_completions(m, _problems(2, 1), 2, 4, torch.Generator().manual_seed(0))
+    score(TASK, ro)
+    ro.rewards = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert "sft_loss" in hook(ro) and buf.used == 1           # one item, fine-tuned at once
