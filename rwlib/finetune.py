@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -208,8 +210,25 @@ def prepare(base: nn.Module, method: str, *, rank: int, seed: int = 0, **options
 
 
 @register("Full FT")
-def _full(base, *, rank, seed, **options):
-    return Prepared(*_adapters.trainable_copy(base))
+def _full(base, *, rank, seed, target=None, **options):
+    """Every parameter trains; with ``target`` (a ``(name, module) -> bool`` selector of linears) only the
+    weights of the selected linears do, and the embeddings, head, norms and biases stay frozen."""
+    if target is None:
+        return Prepared(*_adapters.trainable_copy(base))
+    model, _ = _adapters.trainable_copy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and target(n, m)]
+    for w in weights:
+        w.requires_grad_(True)
+    return Prepared(model, weights)
+
+
+@register("Full FT (block linears)")
+def _full_block(base, *, rank, seed, target=None, **options):
+    """The dense control of the sparse methods: every entry of the block linears (the matrices LIFT and the
+    adapters change) trains with the recipe's optimizer, everything else frozen as for them."""
+    return _full(base, rank=rank, seed=seed, target=target or _adapters.block_linears)
 
 
 @register("LoRA")
@@ -285,3 +304,66 @@ def compare(base: nn.Module, task, runs, train_problems: list, eval_problems: li
     return res
 
 
+# ----------------------------------------------------------------------------------------------------------
+# learning against forgetting: compare methods at matched target accuracy over a learning-rate grid
+# ----------------------------------------------------------------------------------------------------------
+def frontier(acc, forgetting, base_acc: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The learning/forgetting frontier of one method over a learning-rate grid: the runs that no other run
+    beats on both target accuracy (higher) and forgetting (lower), plus the untouched base (``base_acc``, 0),
+    which a learning rate of 0 gives. Returns the frontier's accuracies and forgetting, both increasing."""
+    a, f = np.asarray(acc, dtype=float), np.asarray(forgetting, dtype=float)
+    if a.shape != f.shape or a.ndim != 1 or not len(a) or np.isnan(a).any() or np.isnan(f).any():
+        raise ValueError(f"frontier needs two equally long non-empty 1-D arrays without nan; got shapes "
+                         f"{a.shape} and {f.shape}")
+    a, f = np.append(a, base_acc), np.append(f, 0.0)
+    order = np.lexsort((f, -a))              # by accuracy, descending; ties: least forgetting first
+    keep, best = [], np.inf
+    for i in order:                          # a run is on the frontier if it forgets less than every
+        if f[i] < best:                      # run at least as accurate
+            keep.append(i)
+            best = f[i]
+    keep = keep[::-1]
+    return a[keep], f[keep]
+
+
+def forgetting_at(acc, forgetting, level: float, base_acc: float = 0.0) -> float:
+    """Forgetting needed to reach target accuracy ``level``, read off :func:`frontier` by linear interpolation
+    between its runs (nan when no run of the grid reaches ``level``)."""
+    fa, ff = frontier(acc, forgetting, base_acc)
+    if level > fa[-1]:
+        return float("nan")
+    return float(np.interp(level, fa, ff))
+
+
+def matched_forgetting(table, method: str, baseline: str, by: str = "family", base_acc: float = 0.0,
+                       acc: str = "exact match", forgetting: str = "forgetting"):
+    """Forgetting of ``method`` and ``baseline`` at matched target accuracy, per seed, from a learning-rate
+    sweep (a tidy ``table`` with columns ``by``, ``seed``, ``acc`` and ``forgetting``; one row per learning
+    rate). The matched level is the highest accuracy both reach on their grids, ``min(max acc)``, and each
+    method's forgetting there is read off its frontier (:func:`forgetting_at`). Returns a frame indexed by
+    seed: level, ``method``, ``baseline``."""
+    for name in (method, baseline):
+        if name not in set(table[by]):
+            raise ValueError(f"unknown {by} {name!r}; valid: {', '.join(map(str, dict.fromkeys(table[by])))}")
+    rows = {}
+    for seed, d in table.groupby("seed", sort=True):
+        a, b = d[d[by] == method], d[d[by] == baseline]
+        level = min(a[acc].max(), b[acc].max())
+        rows[seed] = {"level": level,
+                      method: forgetting_at(a[acc], a[forgetting], level, base_acc),
+                      baseline: forgetting_at(b[acc], b[forgetting], level, base_acc)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("seed")
+
+
+def matched_summary(table, method: str, baselines, by: str = "family", base_acc: float = 0.0,
+                    acc: str = "exact match", forgetting: str = "forgetting"):
+    """:func:`matched_forgetting` of ``method`` against each of ``baselines``, summarised over seeds: a frame
+    indexed by baseline with the mean matched level, the mean forgetting of the method and of the baseline
+    there, the mean gap (baseline minus method: positive = the method forgets less), ``wins`` (seeds where
+    the method forgets strictly less) and ``n`` (seeds)."""
+    rows = {}
+    for b in baselines:
+        m = matched_forgetting(table, method, b, by, base_acc, acc, forgetting)
+        rows[b] = {"level": m["level"].mean(), "method": m[method].mean(), "baseline": m[b].mean(),
+                   "gap": (m[b] - m[method]).mean(), "wins": int((m[method] < m[b]).sum()), "n": len(m)}
+    return pd.DataFrame.from_dict(rows, orient="index")

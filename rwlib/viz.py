@@ -3,6 +3,8 @@
 - :func:`style` -- seaborn's theme with the book's palette and sizes (call once per chapter).
 - :func:`band`  -- curves over steps with a mean line and a +-1 sd band over seeds, one per method.
 - :func:`bars`  -- method-vs-baseline bars with the seeds drawn as dots.
+- :func:`frontier` -- one line per method through its settings (e.g. learning rates), y against x, means
+  over seeds; optional rings on a chosen subset.
 
 Data go in as tidy pandas frames (one row per observation), as seaborn likes them.
 """
@@ -77,3 +79,22 @@ def show_source(*objs):
 
     code = "\n\n".join(inspect.getsource(o).rstrip() for o in objs)
     return Markdown(f"```python\n{code}\n```")
+
+
+def frontier(df, *, x: str, y: str, hue: str, along: str, ax=None, ring=None, ring_label: str = "",
+             title: str | None = None, xlabel: str | None = None, ylabel: str | None = None):
+    """Means over seeds of ``y`` against ``x``, one line per ``hue`` value through its ``along`` values in
+    the frame's order (e.g. a learning-rate grid: the learning/forgetting trade-off); ``ring`` is a frame of
+    the same columns whose per-``hue`` means are circled (e.g. the paper's setting)."""
+    ax = ax or plt.gca()
+    mean = df.groupby([hue, along], sort=False)[[x, y]].mean().reset_index()
+    for name, d in mean.groupby(hue, sort=False):
+        ax.plot(d[x], d[y], marker="o", ls="-" if len(d) > 1 else "", label=name)
+    if ring is not None:
+        pm = ring.groupby(hue)[[x, y]].mean()
+        ax.scatter(pm[x], pm[y], s=160, facecolors="none", edgecolors="k", label=ring_label)
+    ax.set(xlabel=xlabel or x, ylabel=ylabel or y)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax

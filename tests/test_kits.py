@@ -221,3 +221,58 @@ def test_repeat_seeds_are_valid_distinct_and_do_not_overlap_across_chapter_seeds
     assert a == repro.repeat_seeds(0, 3) and repro.stream(a[0], "data") is not None
     with pytest.raises(ValueError, match="repeats"):
         repro.repeat_seeds(0, 0)
+
+
+# ------------------------------------------------------------------------ learning vs forgetting (finetune)
+def test_block_dense_control_trains_every_entry_of_the_block_linears_only():
+    torch.manual_seed(0)
+    base = TinyGPT(97, block_size=16, n_layer=1, n_embd=32, n_head=2)
+    prep = finetune.prepare(base, "Full FT (block linears)", rank=2)
+    blocks = {f"{n}.weight" for n, m in prep.model.named_modules() if isinstance(m, nn.Linear)
+              and adapters.block_linears(n, m)}
+    assert {n for n, p in prep.model.named_parameters() if p.requires_grad} == blocks
+    assert prep.count() == sum(p.numel() for n, p in base.named_parameters() if n in blocks)
+    problems = MultiplyTask(2, 9).all_problems()
+    recipe = finetune.Recipe(steps=3, batch_size=8, lr=1e-2, optimizer="adam", betas=(0.9, 0.95))
+    ft = finetune.finetune(base, "Full FT (block linears)", problems, recipe, rank=2)
+    before = dict(base.named_parameters())
+    for name, p in ft.model.named_parameters():
+        if name in blocks:  # dense: (almost) every entry moves, unlike any sparse mask
+            assert (p.detach() != before[name].detach()).float().mean() > 0.9
+        else:
+            assert torch.equal(p.detach(), before[name].detach())
+
+
+def test_frontier_keeps_the_undominated_runs_and_the_base():
+    acc = [0.5, 0.2, 0.5, 0.1, 0.3]
+    forg = [2.0, 1.0, 3.0, 1.5, 4.0]     # (0.5, 3) and (0.1, 1.5) and (0.3, 4) are dominated
+    a, f = finetune.frontier(acc, forg, base_acc=0.0)
+    np.testing.assert_array_equal(a, [0.0, 0.2, 0.5])
+    np.testing.assert_array_equal(f, [0.0, 1.0, 2.0])
+    assert finetune.forgetting_at(acc, forg, 0.35) == pytest.approx(1.5)   # halfway from (0.2, 1) to (0.5, 2)
+    assert finetune.forgetting_at(acc, forg, 0.1) == pytest.approx(0.5)    # between the base and (0.2, 1)
+    assert finetune.forgetting_at(acc, forg, 0.5) == pytest.approx(2.0)
+    assert np.isnan(finetune.forgetting_at(acc, forg, 0.6))                # no run reaches it
+    with pytest.raises(ValueError, match="equally long"):
+        finetune.frontier([0.1, 0.2], [1.0])
+
+
+def test_matched_forgetting_reads_both_frontiers_at_the_lower_best_accuracy():
+    import pandas as pd
+
+    t = pd.DataFrame({"family": ["A"] * 3 + ["B"] * 3 + ["A"] * 2 + ["B"] * 2, "seed": [0] * 6 + [1] * 4,
+                      "exact match": [0.1, 0.4, 0.2, 0.1, 0.2, 0.05, 0.3, 0.3, 0.6, 0.1],
+                      "forgetting": [1.0, 4.0, 5.0, 0.5, 3.0, 2.0, 1.0, 2.0, 3.0, 0.2]})
+    m = finetune.matched_forgetting(t, "A", "B")
+    assert list(m.index) == [0, 1] and list(m.columns) == ["level", "A", "B"]
+    assert m.loc[0, "level"] == pytest.approx(0.2)              # B's best; A reaches 0.4
+    assert m.loc[0, "A"] == pytest.approx(2.0)                  # A: (0.1, 1) -> (0.4, 4) at 0.2
+    assert m.loc[0, "B"] == pytest.approx(3.0)
+    assert m.loc[1, "level"] == pytest.approx(0.3)              # A's best; B reaches 0.6
+    assert m.loc[1, "A"] == pytest.approx(1.0) and m.loc[1, "B"] == pytest.approx(0.2 + 2.8 * 0.2 / 0.5)
+    with pytest.raises(ValueError, match="valid: A, B"):
+        finetune.matched_forgetting(t, "A", "C")
+    summ = finetune.matched_summary(t, "A", ["B"])
+    assert summ.loc["B", "wins"] == 2 and summ.loc["B", "n"] == 2      # A forgets less at both seeds
+    assert summ.loc["B", "gap"] == pytest.approx(((3.0 - 2.0) + (1.32 - 1.0)) / 2)
+    assert summ.loc["B", "level"] == pytest.approx(0.25)

@@ -59,8 +59,7 @@ from rwlib import finetune
 
 __all__ = [
     "lift_budget", "lowrank_approx", "principal_mask", "brute_force_mask", "magnitude_mask", "random_mask", "jaccard", "LIFTAdam",
-    "lift_builder", "magnitude_builder", "random_builder", "block_dense_builder",
-    "frontier", "forgetting_at", "matched_forgetting", "matched_summary", "mask_overlap", "model_linears", "minilm_linears",
+    "lift_builder", "magnitude_builder", "random_builder", "mask_overlap", "model_linears", "minilm_linears",
 ]
 
 SELECTS = ("largest", "smallest")
@@ -328,89 +327,6 @@ def _builder(kind: str):
 lift_builder = finetune.register("LIFT")(_builder("lift"))
 magnitude_builder = finetune.register("Magnitude")(_builder("magnitude"))
 random_builder = finetune.register("Random")(_builder("random"))
-
-
-@finetune.register("Full FT (block linears)")
-def block_dense_builder(base: nn.Module, *, rank: int, seed: int, target=None):
-    """Fine-tuning kit builder for the dense control of the sparse methods: a deep copy of ``base`` whose block
-    linears (the matrices LIFT adapts) train densely with the recipe's optimizer, every entry of them, while
-    the embeddings, head, norms and biases stay frozen as for LIFT. ``rank`` and ``seed`` are unused (no
-    budget, no random initialisation)."""
-    from rwlib.finetune import Prepared
-
-    model = copy.deepcopy(base).train()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    weights = list(model_linears(model, target).values())
-    for w in weights:
-        w.requires_grad_(True)
-    return Prepared(model, weights)
-
-
-def frontier(acc, forgetting, base_acc: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """The learning/forgetting frontier of one method over a learning-rate grid: the runs that no other run
-    beats on both target accuracy (higher) and forgetting (lower), plus the untouched base (``base_acc``, 0),
-    which a learning rate of 0 gives. Returns the frontier's accuracies and forgetting, both increasing."""
-    a, f = np.asarray(acc, dtype=float), np.asarray(forgetting, dtype=float)
-    if a.shape != f.shape or a.ndim != 1 or not len(a) or np.isnan(a).any() or np.isnan(f).any():
-        raise ValueError(f"frontier needs two equally long non-empty 1-D arrays without nan; got shapes "
-                         f"{a.shape} and {f.shape}")
-    a, f = np.append(a, base_acc), np.append(f, 0.0)
-    order = np.lexsort((f, -a))              # by accuracy, descending; ties: least forgetting first
-    keep, best = [], np.inf
-    for i in order:                          # a run is on the frontier if it forgets less than every
-        if f[i] < best:                      # run at least as accurate
-            keep.append(i)
-            best = f[i]
-    keep = keep[::-1]
-    return a[keep], f[keep]
-
-
-def forgetting_at(acc, forgetting, level: float, base_acc: float = 0.0) -> float:
-    """Forgetting needed to reach target accuracy ``level``, read off :func:`frontier` by linear interpolation
-    between its runs (nan when no run of the grid reaches ``level``)."""
-    fa, ff = frontier(acc, forgetting, base_acc)
-    if level > fa[-1]:
-        return float("nan")
-    return float(np.interp(level, fa, ff))
-
-
-def matched_forgetting(table, method: str, baseline: str, by: str = "family", base_acc: float = 0.0,
-                       acc: str = "exact match", forgetting: str = "forgetting"):
-    """Forgetting of ``method`` and ``baseline`` at matched target accuracy, per seed, from a learning-rate
-    sweep (a tidy ``table`` with columns ``by``, ``seed``, ``acc`` and ``forgetting``; one row per learning
-    rate). The matched level is the highest accuracy both reach on their grids, ``min(max acc)``, and each
-    method's forgetting there is read off its frontier (:func:`forgetting_at`). Returns a frame indexed by
-    seed: level, ``method``, ``baseline``."""
-    import pandas as pd
-
-    for name in (method, baseline):
-        if name not in set(table[by]):
-            raise ValueError(f"unknown {by} {name!r}; valid: {', '.join(map(str, dict.fromkeys(table[by])))}")
-    rows = {}
-    for seed, d in table.groupby("seed", sort=True):
-        a, b = d[d[by] == method], d[d[by] == baseline]
-        level = min(a[acc].max(), b[acc].max())
-        rows[seed] = {"level": level,
-                      method: forgetting_at(a[acc], a[forgetting], level, base_acc),
-                      baseline: forgetting_at(b[acc], b[forgetting], level, base_acc)}
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("seed")
-
-
-def matched_summary(table, method: str, baselines, by: str = "family", base_acc: float = 0.0,
-                    acc: str = "exact match", forgetting: str = "forgetting"):
-    """:func:`matched_forgetting` of ``method`` against each of ``baselines``, summarised over seeds: a frame
-    indexed by baseline with the mean matched level, the mean forgetting of the method and of the baseline
-    there, the mean gap (baseline minus method: positive = the method forgets less), ``wins`` (seeds where
-    the method forgets strictly less) and ``n`` (seeds)."""
-    import pandas as pd
-
-    rows = {}
-    for b in baselines:
-        m = matched_forgetting(table, method, b, by, base_acc, acc, forgetting)
-        rows[b] = {"level": m["level"].mean(), "method": m[method].mean(), "baseline": m[b].mean(),
-                   "gap": (m[b] - m[method]).mean(), "wins": int((m[method] < m[b]).sum()), "n": len(m)}
-    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def mask_overlap(weights: dict, ranks, lora_rank: int, select: str = "largest"):

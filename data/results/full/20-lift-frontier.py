@@ -3,7 +3,7 @@
 Issue 13: LIFT's lower forgetting at the paper's learning-rate ratio is confounded with how little it learns
 (in quick mode Full FT learns most of the table and LIFT a fifth of it), so each method is run over a grid of
 learning rates and the forgetting is compared at matched target accuracy
-(:func:`rwlib.methods.lift.matched_forgetting`). The regime is the chapter's quick mode, fixed before this
+(:func:`rwlib.finetune.matched_forgetting`). The regime is the chapter's quick mode, fixed before this
 was run: the pretrained TinyGPT, the 64-fact table ``MultiplyTask(2, 9)``, 200 steps of batch 32, Adam with
 beta = (0.9, 0.95), constant learning rate, clipping at 1, rho = 4, LIFT with r = 4 and T = 50. The grid
 multiplies each method's base learning rate (Full FT and its block-linears control 2.5e-3; LoRA, LIFT and
@@ -70,7 +70,7 @@ def main() -> None:
     print(res.table.groupby(["family", "lr"], sort=False)[["exact match", "forgetting"]].mean().round(3))
     for b in R["families"]:
         if b != "LIFT":
-            print(b, lift.matched_forgetting(res.table, "LIFT", b, base_acc=base_acc).round(3).to_string())
+            print(b, finetune.matched_forgetting(res.table, "LIFT", b, base_acc=base_acc).round(3).to_string())
     print("wall", round(time.perf_counter() - t0, 1), "s")
 
 
