@@ -65,7 +65,7 @@ def main() -> None:
         tables.append(res.table.assign(target=name, n_train=len(train), n_scored=len(test)))
         print(name, res.table[["arm", "exact match"]].to_string(index=False), flush=True)
     res.table = pd.concat(tables, ignore_index=True).drop(columns=["history"], errors="ignore")
-    cols = ["target", "arm", "lr", "n_train", "n_scored", "exact match", "target loss"]
+    cols = ["target", "arm", "seed", "lr", "n_train", "n_scored", "exact match", "target loss"]
     res.table = res.table[cols]
     path = recorded.save("19-target-choice", res, chapter=19, what="the target-choice check (Full FT, LoRA)",
                          parameters=SETTINGS, t0=t0, threads=args.threads,
