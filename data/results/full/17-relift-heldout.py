@@ -105,7 +105,7 @@ def main() -> None:
     res = sweep(one, ["base", *ARMS], seeds=seeds)
     recorded.save("17-relift-heldout", res, chapter=17, parameters=R, t0=t0, threads=args.threads,
                   what="every arm on a 304-question pool, measured on 64 held-out questions",
-                  command="python data/results/full/17-relift-heldout.py --threads 2")
+                  command=f"python data/results/full/17-relift-heldout.py --threads {args.threads}")
     print(res.table.groupby("arm", sort=False).mean(numeric_only=True).round(3).to_string())
 
 

@@ -69,7 +69,7 @@ def main() -> None:
     res.table = res.table[cols]
     path = recorded.save("19-target-choice", res, chapter=19, what="the target-choice check (Full FT, LoRA)",
                          parameters=SETTINGS, t0=t0, threads=args.threads,
-                         command="python data/results/full/19-target-choice.py --threads 1")
+                         command=f"python data/results/full/19-target-choice.py --threads {args.threads}")
     print("wrote", path)
 
 
