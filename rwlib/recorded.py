@@ -22,6 +22,7 @@ The file is written atomically; its provenance records the date, the commit the 
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import platform
@@ -45,6 +46,21 @@ def _git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def script_args(doc: str, *, threads: int = 2, out: str | Path | None = None) -> tuple[argparse.Namespace, float]:
+    """The command line every recording script shares: ``--threads`` (torch threads, set here; default
+    ``threads``) and, when ``out`` is given, ``--out`` (the JSON's path, default ``out``). Returns the parsed
+    arguments and the start time to hand to :func:`save`."""
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--threads", type=int, default=threads)
+    if out is not None:
+        ap.add_argument("--out", default=str(out))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args, time.perf_counter()
 
 
 def provenance(t0: float, threads: int, command: str, device: str | None = None) -> dict:

@@ -42,3 +42,18 @@ def test_the_committed_recorded_runs_load():
         assert set(t.arm) == set(rec.result.arms) and set(t.seed) == set(rec.result.seeds), p.name
         assert t.groupby(["arm", "seed"]).size().min() >= 1, p.name
         assert rec.provenance["wall_s"] > 0 and rec.provenance["git"], p.name
+
+
+def test_script_args_sets_the_threads_and_the_output(monkeypatch, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("sys.argv", ["rec.py", "--threads", "1", "--out", str(tmp_path / "x.json")])
+    try:
+        args, t0 = recorded.script_args("Recorded toy.\n\nMore.", threads=2, out=tmp_path / "d.json")
+        assert args.threads == 1 == torch.get_num_threads() and args.out == str(tmp_path / "x.json")
+        monkeypatch.setattr("sys.argv", ["rec.py"])
+        args, _ = recorded.script_args("Recorded toy.", threads=2)
+        assert args.threads == 2 and not hasattr(args, "out") and t0 > 0
+    finally:
+        torch.set_num_threads(before)

@@ -56,13 +56,16 @@ import pandas as pd
 import torch
 
 from ..data.tasks import CORRECT, WRONG, AdditionTask, Problem, sft_batch
-from ..finetune import sft_objective
-from ..models import eval_mode, module_device
+from ..data.text import TOKENIZER
+from ..finetune import sft_objective, sft_train
+from ..models import TinyGPT, eval_mode, module_device
+from ..repro import seeded, stream, stream_seed
+from ..train import cosine_lr
 from ..rl import GRPOConfig, evaluate_task, sequence_logprobs
 
 __all__ = ["RL_CONFIG", "BinaryReward", "all_fail", "HardestBuffer", "SELECT", "TRIGGERS", "difficulty_buckets",
            "BUCKETS", "question_accuracy", "finetune_step", "relift_hook", "compact_scratchpad", "PoolSampler",
-           "make_pool", "make_split", "bucket_means", "bucket_table", "ABLATIONS", "arm_hook", "measure"]
+           "make_pool", "make_split", "zero_rl_base", "bucket_means", "bucket_table", "ABLATIONS", "arm_hook", "measure"]
 
 SELECT = ("hardest", "random")        # what enters the buffer: the all-fail questions (R4), or random ones
 TRIGGERS = ("buffer", "every-step")   # when to fine-tune: at N >= M (R6), or after every RL step
@@ -282,6 +285,18 @@ class PoolSampler:
         return out
 
 
+def zero_rl_base(seed: int, steps: int, tokens: int, device=None) -> torch.nn.Module:
+    """The chapter's "zero-RL" base (eval mode): a one-layer TinyGPT trained for ``steps`` on direct answers of
+    one-digit sums only, with room for answers of ``tokens`` tokens; initialised and batched from the named
+    streams of ``seed``."""
+    with seeded(stream_seed(seed, "init")):
+        model = TinyGPT(TOKENIZER.vocab_size, 6 + tokens + 2, n_layer=1, n_embd=64, n_head=4)
+    opt = torch.optim.AdamW(model.to(device).parameters(), lr=6e-3)
+    sft_train(model, opt, AdditionTask(1, 1, width=2), steps, 32, stream(seed, "base"),
+              scheduler=cosine_lr(opt, steps, 0.5))
+    return model.eval()
+
+
 def make_pool(n_easy: int, n_hard: int, generator: torch.Generator) -> list[Problem]:
     """The training questions (operands zero-padded to two digits): ``n_easy`` distinct one-digit additions (the
     base model's range) and ``n_hard`` distinct two-digit additions whose sum has three digits (an answer length
@@ -330,15 +345,18 @@ def bucket_means(table: pd.DataFrame, arm: str, keep: Sequence[str] = BUCKETS) -
     return [float(t.accuracy[t.seed == s].mean()) for s in sorted(set(table.seed))]
 
 
-def measure(model, task, sets: dict, generator: Callable[[str], torch.Generator], max_new_tokens: int) -> dict:
+def measure(model, task, sets: dict, generator: Callable[[str], torch.Generator] | None, max_new_tokens: int
+            ) -> dict:
     """For each question set ``{prefix: problems}``: greedy ``accuracy``, greedy accuracy on the one-digit
-    (``easy``) and on the two-digit questions (``hardest``), mean greedy ``length``, and each question's accuracy
-    over 8 sampled answers (``acc``, a tensor, with ``generator(prefix)``), the keys prefixed."""
+    (``easy``) and on the two-digit questions (``hardest``), mean greedy ``length``, and, unless ``generator`` is
+    None, each question's accuracy over 8 sampled answers (``acc``, a tensor, with ``generator(prefix)``), the
+    keys prefixed."""
     out = {}
     for pre, qs in sets.items():
         e = evaluate_task(model, task, qs, temperature=0, max_new_tokens=max_new_tokens)
         out.update({pre + "accuracy": e["pass@1"], pre + "easy": e.get("acc_d1", float("nan")),
                     pre + "hardest": e.get("acc_d2", float("nan")),
-                    pre + "length": e["length"],
-                    pre + "acc": question_accuracy(model, task, qs, generator(pre), max_new_tokens=max_new_tokens)})
+                    pre + "length": e["length"]})
+        if generator is not None:
+            out[pre + "acc"] = question_accuracy(model, task, qs, generator(pre), max_new_tokens=max_new_tokens)
     return out

@@ -257,6 +257,15 @@ def test_measure_reports_both_question_sets_with_their_prefixes():
         e = relift.evaluate_task(m, TASK, qs, temperature=0, max_new_tokens=4)
         assert out[pre + "accuracy"] == e["pass@1"] and out[pre + "easy"] == e["acc_d1"]
         assert out[pre + "hardest"] == e["acc_d2"] and out[pre + "acc"].shape == (len(qs),)
+    greedy = relift.measure(m, TASK, {"": train}, None, 4)     # no generator: greedy numbers only
+    assert "acc" not in greedy and greedy["accuracy"] == out["accuracy"]
+
+
+def test_zero_rl_base_is_a_fixed_eval_mode_model_of_its_seed():
+    a, b = relift.zero_rl_base(3, 2, 10), relift.zero_rl_base(3, 2, 10)
+    assert not a.training and a.block_size == 6 + 10 + 2
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), relift.zero_rl_base(4, 2, 10).parameters()))
 
 
 def test_arm_hook_wires_each_ablation():

@@ -16,12 +16,9 @@ parameters). Chapter 01 shows it, labelled as recorded.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # this checkout's rwlib, not an installed one
 from rwlib import data, recorded, repro, ssl  # noqa: E402
@@ -33,12 +30,7 @@ REGIME = dict(labels_per_class=4, n_test=360, steps=1000, widths=(8, 16), feat_d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    args, t0 = recorded.script_args(__doc__, threads=2, out=Path(__file__).with_suffix(".json"))
     R = REGIME
     digits = data.load("digits")
     split = data.few_label_split(digits, R["labels_per_class"], R["n_test"],

@@ -16,7 +16,6 @@ Writes the JSON beside this file atomically, with provenance. Chapter 17 shows i
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import sys
@@ -28,25 +27,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # this checkout's rwlib, not an installed one
 from rwlib import finetune, recorded, repro  # noqa: E402
 from rwlib.data.tasks import AdditionTask  # noqa: E402
-from rwlib.data.text import TOKENIZER  # noqa: E402
 from rwlib.methods import relift  # noqa: E402
-from rwlib.models import TinyGPT  # noqa: E402
-from rwlib.rl import evaluate_task, train_grpo  # noqa: E402
+from rwlib.rl import train_grpo  # noqa: E402
 from rwlib.sweep import sweep  # noqa: E402
-from rwlib.train import cosine_lr  # noqa: E402
 
 REGIME = dict(base_steps=400, n_easy=48, n_hard=256, test_easy=32, test_hard=32, updates=500, M=8, epochs=8,
               prompts=8, group=8, tokens=10, chapter_seed=0, repeats=3)
 ARMS = ["RL-only", "SFT-only", "ReLIFT", "random buffer", "SFT every step", "SFT then RL"]
-SWITCH = {"ReLIFT": {}, "random buffer": dict(select="random"), "SFT every step": dict(trigger="every-step")}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    args, t0 = recorded.script_args(__doc__, threads=2)
     R = REGIME
     task, T = AdditionTask(1, 2, width=2), R["tokens"]
     RL = relift.RL_CONFIG.but(prompts_per_step=R["prompts"], group_size=R["group"], max_new_tokens=T)
@@ -54,32 +45,19 @@ def main() -> None:
 
     def base(s):
         if s not in bases:
-            with repro.seeded(repro.stream_seed(s, "init")):
-                m = TinyGPT(TOKENIZER.vocab_size, 6 + T + 2, n_layer=1, n_embd=64, n_head=4)
-            opt = torch.optim.AdamW(m.parameters(), lr=6e-3)
-            finetune.sft_train(m, opt, AdditionTask(1, 1, width=2), R["base_steps"], 32, repro.stream(s, "base"),
-                               scheduler=cosine_lr(opt, R["base_steps"], 0.5))
             split = relift.make_split(R["n_easy"], R["n_hard"], R["test_easy"], R["test_hard"],
                                       repro.stream(s, "pool"))
-            bases[s] = (m.eval(), *split)
+            bases[s] = (relift.zero_rl_base(s, R["base_steps"], T), *split)
         return bases[s]
-
-    def measure(model, pool, test):
-        out = {}
-        for pre, qs in (("", pool), ("test_", test)):
-            e = evaluate_task(model, task, qs, temperature=0, max_new_tokens=T)
-            out.update({f"{pre}accuracy": e["pass@1"], f"{pre}hardest": e["acc_d2"], f"{pre}easy": e["acc_d1"],
-                        f"{pre}length": e["length"]})
-        return out
 
     def one(arm, s):
         b, pool, test = base(s)
+        sets = {"": pool, "test_": test}
         if arm == "base":
-            return measure(b, pool, test)
+            return relift.measure(b, task, sets, None, T)
         model, g = copy.deepcopy(b).train(), repro.stream(s, "train")
         sampler = relift.PoolSampler(pool)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3 if arm == "SFT-only" else 1e-3)
-        demos = 0
         if arm == "SFT-only":
             fn = lambda n, g: [dataclasses.replace(p, target=relift.compact_scratchpad(p))  # noqa: E731
                                for p in sampler(n, g)]
@@ -89,17 +67,12 @@ def main() -> None:
             if arm == "SFT then RL":
                 model = copy.deepcopy(sft_models[s]).train()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            sw = SWITCH.get(arm, {})
-            buf = relift.HardestBuffer(R["M"], select=sw.get("select", "hardest"),
-                                       generator=repro.stream(s, "random-buffer"))
-            hook = relift.relift_hook(model, torch.optim.AdamW(model.parameters(), lr=1e-3), buf,
-                                      relift.compact_scratchpad, epochs=R["epochs"],
-                                      trigger=sw.get("trigger", "buffer"))
+            buf, hook = relift.arm_hook(arm, model, R["M"], R["epochs"], repro.stream(s, "random-buffer"))
             train_grpo(model, opt, relift.BinaryReward(task), RL, R["updates"], g, problem_fn=sampler,
-                       on_rollout=hook if arm in SWITCH else None, desc=arm)
+                       on_rollout=hook, desc=arm)
             demos = buf.used
         print(f"{arm} seed {s}: {time.perf_counter() - t0:.0f} s", flush=True)
-        return {**measure(model.eval(), pool, test), "demos": demos}
+        return {**relift.measure(model.eval(), task, sets, None, T), "demos": demos}
 
     seeds = repro.repeat_seeds(R["chapter_seed"], R["repeats"])
     res = sweep(one, ["base", *ARMS], seeds=seeds)

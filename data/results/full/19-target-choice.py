@@ -16,13 +16,10 @@ cosine, clip 1, one repeat: chapter seed 0's first). Candidates:
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # this checkout's rwlib, not an installed one
 from rwlib import finetune, pretrained, recorded, repro  # noqa: E402
@@ -44,11 +41,7 @@ def targets(seed: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    args, t0 = recorded.script_args(__doc__, threads=1)
     cfg = pretrained.PretrainConfig()
     base, _ = pretrained.pretrained_tinygpt(cfg)
     source = pretrained.source_corpus(cfg)

@@ -18,17 +18,13 @@ labelled as recorded.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # this checkout's rwlib, not an installed one
 from rwlib import finetune, pretrained, recorded, repro  # noqa: E402
 from rwlib.data.tasks import MultiplyTask  # noqa: E402
-from rwlib.methods import lift  # noqa: E402
 
 REGIME = dict(steps=200, batch=32, lr_full=2.5e-3, lr_ratio=4, rho=4, filter_rank=4, T=50,
               grid=[1 / 27, 1 / 9, 1 / 3, 1, 3], chapter_seed=0, repeats=5,
@@ -36,12 +32,7 @@ REGIME = dict(steps=200, batch=32, lr_full=2.5e-3, lr_ratio=4, rho=4, filter_ran
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    args, t0 = recorded.script_args(__doc__, threads=2, out=Path(__file__).with_suffix(".json"))
     R = REGIME
     cfg = pretrained.PretrainConfig()
     base, _ = pretrained.pretrained_tinygpt(cfg)
