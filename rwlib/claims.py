@@ -238,3 +238,9 @@ def glue(name: str, value, display: bool = False) -> None:
     except ImportError:  # pragma: no cover - Colab without myst-nb
         return
     _glue(name, value, display=display)
+
+
+def glue_all(**values) -> None:
+    """:func:`glue` every keyword argument under its name, none displayed: ``glue_all(acc=0.91, n=5)``."""
+    for name, value in values.items():
+        glue(name, value)

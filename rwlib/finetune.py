@@ -27,6 +27,7 @@ from torch import nn
 from . import adapters as _adapters
 from .data.tasks import sft_batch
 from .models import eval_mode, module_device
+from .repro import stream, stream_seed
 from .rl.losses import sft_loss, token_entropy, token_logprobs
 from .rl.rollout import evaluate_task
 from .sweep import Result, sweep
@@ -277,7 +278,8 @@ def compare(base: nn.Module, task, runs, train_problems: list, eval_problems: li
     any :class:`Recipe` field) and the method's options (e.g. ``("LIFT r=16", "LIFT", {"filter_rank": 16})``).
     The table has, per (arm, seed): method, lr, trainable (the method's own count), lora count (the reference),
     the columns of :func:`finetune_report`, and the training loss curve goes to ``curves``. ``streams(seed,
-    label)`` returns ``(init seed, batch generator)`` for a run (default: both from ``seed``). The fine-tuned
+    label)`` returns ``(init seed, batch generator)`` for a run (default: the named streams ``"init"`` and
+    ``"batches"`` of ``seed``, the same for every run of a seed). The fine-tuned
     run (a :class:`FineTuned`) is kept in ``objects[label, seed]["run"]`` unless ``keep_models=False``."""
     entries = [(r, r, {}) if isinstance(r, str) else r for r in runs]
     recipe_fields = set(Recipe.__dataclass_fields__)
@@ -288,7 +290,7 @@ def compare(base: nn.Module, task, runs, train_problems: list, eval_problems: li
         _, method, over = next(e for e in entries if e[0] == label)
         rec = recipe.but(**{k: v for k, v in over.items() if k in recipe_fields})
         options = {k: v for k, v in over.items() if k not in recipe_fields}
-        init_seed, gen = streams(seed, label) if streams else (seed, None)
+        init_seed, gen = streams(seed, label) if streams else (stream_seed(seed, "init"), stream(seed, "batches"))
         ft = finetune(base, method, train_problems, rec, rank=rank, seed=init_seed, generator=gen, desc=label,
                       **options)
         out = {"method": method, "lr": rec.lr, "trainable": ft.trainable, "lora count": reference,

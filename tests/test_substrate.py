@@ -270,3 +270,10 @@ def test_glue_gets_plain_numbers():
     assert repr(claims.plain(np.float64(0.25))) == "0.25" and claims.plain(torch.tensor(3.0)) == 3.0
     assert type(claims.plain(np.int64(4))) is int and claims.plain("x") == "x"
     assert isinstance(claims.plain(torch.zeros(2)), torch.Tensor)  # not a scalar: unchanged
+
+
+def test_glue_all_glues_each_keyword(monkeypatch):
+    seen = []
+    monkeypatch.setattr(claims, "glue", lambda name, value, display=False: seen.append((name, value, display)))
+    claims.glue_all(acc=np.float64(0.5), n=3)
+    assert seen == [("acc", 0.5, False), ("n", 3, False)]

@@ -53,8 +53,7 @@ def main() -> None:
     tables = []
     for name, (task, train, test) in targets(SETTINGS["chapter_seed"]).items():
         res = finetune.compare(base, task, runs, train, test, source.val, recipe=recipe, rank=rank,
-                               seeds=[seed], block=cfg.block, keep_models=False, streams=lambda s, arm: (
-                                   repro.stream_seed(s, "init"), repro.stream(s, "batches")))
+                               seeds=[seed], block=cfg.block, keep_models=False)
         tables.append(res.table.assign(target=name, n_train=len(train), n_scored=len(test)))
         print(name, res.table[["arm", "exact match"]].to_string(index=False), flush=True)
     res.table = pd.concat(tables, ignore_index=True).drop(columns=["history"], errors="ignore")

@@ -48,8 +48,7 @@ def main() -> None:
                              betas=(0.9, 0.95), schedule="constant", clip=1.0)
     repeats = repro.repeat_seeds(R["chapter_seed"], R["repeats"])
     res = finetune.compare(base, task, runs, problems, problems, source.val, recipe=recipe, rank=R["rho"],
-                           seeds=repeats, block=cfg.block, keep_models=False,
-                           streams=lambda s, arm: (repro.stream_seed(s, "init"), repro.stream(s, "batches")))
+                           seeds=repeats, block=cfg.block, keep_models=False)
     res.table["family"] = res.table["arm"].str.split(" @").str[0]
     base_acc = finetune.exact_match(base, task, problems, max_new_tokens=4)
     recorded.save(Path(args.out).stem, res, chapter=20, directory=Path(args.out).parent,
